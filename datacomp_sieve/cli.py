@@ -1,0 +1,190 @@
+"""Command line: ``datacomp-sieve <command>`` and the drop-in ``baselines.py``.
+
+The CLI only parses and dispatches; user mistakes surface as one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .errors import UserError
+
+log = logging.getLogger("datacomp_sieve")
+
+FILTER_EPILOG = """\
+examples:
+  python baselines.py --name clip_score --arch l14 --fraction 0.3 \\
+      --metadata_dir POOL/metadata --save_path subsets/clip_l14_30.npy
+  python baselines.py --name sieve_clip --fraction 0.2 --metadata_dir POOL/metadata \\
+      --scores_dir POOL/sieve_scores --save_path subsets/sieve_clip_20.npy
+
+The output is DataComp's subset file: a sorted, de-duplicated numpy array of dtype "u8,u8"
+(uid -> (int(uid[:16],16), int(uid[16:32],16))), ready for DataComp's resharder.py -s.
+--fraction F keeps n+1 rows plus ties, n = int(N*F), as DataComp does.
+"""
+
+
+def _weights(items: list[str] | None) -> dict:
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--weights takes key=weight pairs (e.g. sieve=0.5 clip=0.5), got {item!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise UserError(f"--weights {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    from .filters import FILTERS
+
+    names = "\n".join(f"  {k}: {v.help}" for k, v in FILTERS.items())
+    p.add_argument("--name", required=True, choices=list(FILTERS), metavar="NAME",
+                   help="the filter to apply:\n" + names)
+    p.add_argument("--metadata_dir", help="the pool's metadata folder of .parquet files (local path or fsspec URL)")
+    p.add_argument("--save_path", required=True, help="output .npy path (local; '.npy' is appended if missing)")
+    p.add_argument("--fraction", type=float,
+                   help="keep this top fraction of the pool by score, in (0, 1] (default 0.2 for sieve names)")
+    p.add_argument("--threshold", type=float, help="keep every sample whose (fused) score is >= this value")
+    p.add_argument("--arch", choices=["b32", "l14"], default="l14",
+                   help="which of the metadata's CLIPScore columns to use (default l14)")
+    p.add_argument("--scores_dir", help="the Sieve score store (per-shard parquet files with uid and sieve_score)")
+    p.add_argument("--shards_dir", help="the pool's downloaded shards ({:08d}.tar); used by scoring")
+    p.add_argument("--alpha", type=float,
+                   help="sieve_clip: the weight of CLIPScore, in [0, 1] (default 0.5, as in the paper)")
+    p.add_argument("--weights", nargs="+", metavar="KEY=W",
+                   help="general fusion weights summing to 1: sieve, clip, or any score column "
+                        "(e.g. --weights sieve=0.7 clip=0.3)")
+    p.add_argument("--clip_from", choices=["metadata", "store"], default="metadata",
+                   help="where CLIPScore comes from for sieve_clip: the metadata column for --arch "
+                        "(default) or the score store's clip_score column")
+    p.add_argument("--tmp_dir", help="scratch folder for joining scores on uid (default: system temp)")
+    p.add_argument("--num_workers", type=int, default=os.cpu_count(),
+                   help="CPU threads for reading parquet (default: all cores)")
+    p.add_argument("--num_gpus", type=int, default=None, help="GPUs for scoring (accepted for DataComp compatibility)")
+    p.add_argument("--batch_size", type=int, default=1024, help="accepted for DataComp compatibility")
+    p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
+                   help="DataComp's image_based baselines are not part of this tool; use DataComp's baselines.py")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_filter(args: argparse.Namespace) -> int:
+    from .filters import FILTERS, FilterOptions
+    from .uids import write_subset
+
+    if args.image_based_scale is not None:
+        raise UserError("--image_based_scale belongs to DataComp's image_based baselines; run those with DataComp's baselines.py")
+    if args.num_workers is not None:
+        if args.num_workers < 1:
+            raise UserError(f"--num_workers must be at least 1, got {args.num_workers}")
+        import pyarrow as pa
+
+        pa.set_cpu_count(args.num_workers)
+    opts = FilterOptions(
+        metadata_dir=args.metadata_dir, scores_dir=args.scores_dir, shards_dir=args.shards_dir,
+        fraction=args.fraction, threshold=args.threshold, arch=args.arch, alpha=args.alpha,
+        weights=_weights(args.weights), clip_from=args.clip_from, tmp_dir=args.tmp_dir,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if args.tmp_dir and not os.path.isdir(args.tmp_dir):
+        raise UserError(f"--tmp_dir {args.tmp_dir} is not a folder")
+    if args.alpha is not None and args.name != "sieve_clip":
+        raise UserError("--alpha is the CLIPScore weight of sieve_clip; it does nothing for " + args.name)
+    if args.save_path.endswith(os.sep) or os.path.isdir(args.save_path):
+        raise UserError(f"--save_path {args.save_path} is a folder; give a file name such as subset.npy")
+    t0 = time.time()
+    log.info("running %s", args.name)
+    sel = FILTERS[args.name].run(opts)
+    for note in sel.notes:
+        log.warning("%s", note)
+    path, written = write_subset(args.save_path, sel.keys)
+    pct = 100.0 * written / sel.scored if sel.scored else 0.0
+    thr = "" if sel.threshold != sel.threshold else f", threshold {sel.threshold:.6g}"
+    log.info("kept %d of %d scored samples (%.2f%%)%s", written, sel.scored, pct, thr)
+    log.info("wrote %s (%d uids, sorted u8,u8) in %.1fs", path, written, time.time() - t0)
+    return 0
+
+
+def run_toy_pool(args: argparse.Namespace) -> int:
+    from .toy_pool import build_toy_pool
+
+    summary = build_toy_pool(args.out_dir, clip=args.clip, samples_per_shard=args.samples_per_shard,
+                             progress=not args.quiet)
+    log.info("toy pool in %s: %s", args.out_dir, summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datacomp-sieve",
+        description="Sieve data filtering for DataComp pools: score, select, inspect.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("filter", help="select a subset (DataComp's baselines.py with Sieve names)",
+                       description="Select a subset of a pool and write DataComp's uid file.",
+                       epilog=FILTER_EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+    add_filter_arguments(f)
+    f.set_defaults(func=run_filter)
+
+    t = sub.add_parser("toy-pool", help="build a small real pool with DataComp's layout",
+                       description="Build a toy pool: metadata parquet + img2dataset shards downloaded "
+                                   "from a loopback server serving photos that ship with scikit-image, "
+                                   "scikit-learn and matplotlib.")
+    t.add_argument("out_dir", help="output folder (created; must be empty)")
+    t.add_argument("--clip", choices=["none", "tiny", "openai"], default="none",
+                   help="fill the metadata's CLIPScore columns: none (null), tiny (a tiny random CLIP, "
+                        "meaningless values, for tests), openai (real ViT-B-32/ViT-L-14 weights, if cached)")
+    t.add_argument("--samples_per_shard", type=int, default=40,
+                   help="samples per shard (DataComp uses 10000; small here so the toy pool has several shards)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=run_toy_pool)
+    return parser
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root = logging.getLogger("datacomp_sieve")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def baselines_main(argv: list[str] | None = None) -> int:
+    """``python baselines.py ...``: DataComp's flags and spellings, plus the Sieve names."""
+    parser = argparse.ArgumentParser(
+        prog="baselines.py",
+        description="Drop-in for DataComp's baselines.py with the Sieve filters. The output is a .npy "
+                    "of the uids in the filtered subset, sorted, in DataComp's u8,u8 format.",
+        epilog=FILTER_EPILOG,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    add_filter_arguments(parser)
+    parser.set_defaults(func=run_filter)
+    return _run(parser, argv)

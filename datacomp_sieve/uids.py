@@ -1,0 +1,176 @@
+"""Sample identity: 32-hex uids and DataComp's ``"u8,u8"`` subset files.
+
+DataComp maps a uid to ``(int(uid[:16], 16), int(uid[16:32], 16))`` and stores a subset as a
+lexicographically sorted structured array of that dtype, saved with ``np.save``. Its resharder
+finds samples with ``np.searchsorted``, so the file must be sorted, and it writes a uid once per
+listing, so duplicates must not be emitted.
+
+Internally uids travel as ``(N, 16)`` big-endian bytes viewed as ``V16``: comparing those bytes
+is the same as comparing ``(hi, lo)`` numerically, which makes sorting and joining cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+UID_DTYPE = np.dtype("u8,u8")
+KEY_DTYPE = np.dtype("V16")
+
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _NIBBLE[_c] = 10 + _i
+
+
+def uid_to_pair(uid: str) -> tuple[int, int]:
+    """The DataComp integer pair of one uid."""
+    return int(uid[:16], 16), int(uid[16:32], 16)
+
+
+def pair_to_uid(hi: int, lo: int) -> str:
+    return f"{int(hi):016x}{int(lo):016x}"
+
+
+def _hex_matrix_to_keys(chars: np.ndarray, what: str) -> np.ndarray:
+    """(N, 32) ascii hex codes -> (N,) V16 keys."""
+    nib = _NIBBLE[chars]
+    if nib.size and nib.max() == 255:
+        bad = int((nib == 255).any(axis=1).sum())
+        raise UserError(f"{bad} uid(s) in {what} are not 32 hexadecimal characters")
+    packed = (nib[:, 0::2] << 4) | nib[:, 1::2]
+    return np.ascontiguousarray(packed).view(KEY_DTYPE).reshape(-1)
+
+
+def keys_from_arrow(array, what: str = "the input") -> np.ndarray:
+    """Parse a pyarrow string array (or ChunkedArray) of uids into V16 keys without Python loops."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        parts = [keys_from_arrow(c, what) for c in array.chunks]
+        return np.concatenate(parts) if parts else np.empty(0, KEY_DTYPE)
+    if array.null_count:
+        raise UserError(f"{array.null_count} uid(s) in {what} are missing (null)")
+    if pa.types.is_large_string(array.type):
+        array = array.cast(pa.string())
+    if not pa.types.is_string(array.type):
+        raise UserError(f"the uid column in {what} is {array.type}, expected strings")
+    n = len(array)
+    if n == 0:
+        return np.empty(0, KEY_DTYPE)
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32, count=n + 1, offset=array.offset * 4)
+    if not np.all(np.diff(offsets) == 32):
+        bad = int((np.diff(offsets) != 32).sum())
+        raise UserError(f"{bad} uid(s) in {what} are not 32 hexadecimal characters")
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return _hex_matrix_to_keys(data.reshape(n, 32), what)
+
+
+def keys_from_strings(uids, what: str = "the input") -> np.ndarray:
+    """Parse an iterable of uid strings into V16 keys."""
+    import pyarrow as pa
+
+    return keys_from_arrow(pa.array(list(uids), type=pa.string()), what)
+
+
+def keys_to_pairs(keys: np.ndarray) -> np.ndarray:
+    """V16 keys -> DataComp's structured ``u8,u8`` array (same order)."""
+    raw = keys.view(np.uint8).reshape(-1, 16)
+    out = np.empty(len(keys), UID_DTYPE)
+    out["f0"] = raw[:, :8].copy().view(">u8").reshape(-1)
+    out["f1"] = raw[:, 8:].copy().view(">u8").reshape(-1)
+    return out
+
+
+def pairs_to_keys(pairs: np.ndarray) -> np.ndarray:
+    """DataComp's ``u8,u8`` array -> V16 keys (same order)."""
+    pairs = np.asarray(pairs)
+    names = pairs.dtype.names
+    raw = np.empty((len(pairs), 2), dtype=">u8")
+    raw[:, 0] = pairs[names[0]]
+    raw[:, 1] = pairs[names[1]]
+    return raw.view(np.uint8).reshape(-1, 16).copy().view(KEY_DTYPE).reshape(-1)
+
+
+def keys_to_hex(keys: np.ndarray) -> list[str]:
+    return [bytes(k).hex() for k in keys.view(np.uint8).reshape(-1, 16)]
+
+
+def sort_unique(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sorted distinct keys and how many duplicates were dropped."""
+    keys = np.sort(keys, kind="stable") if len(keys) < 2_000_000 else _sort_big(keys)
+    if len(keys) < 2:
+        return keys, 0
+    u8 = keys.view(np.uint8).reshape(-1, 16)
+    same = np.all(u8[1:] == u8[:-1], axis=1)
+    dups = int(same.sum())
+    if dups:
+        keep = np.ones(len(keys), bool)
+        keep[1:] = ~same
+        keys = keys[keep]
+    return keys, dups
+
+
+def _sort_big(keys: np.ndarray) -> np.ndarray:
+    """Sort many V16 keys: lexsort on the two big-endian halves is much faster than void compare."""
+    raw = keys.view(np.uint8).reshape(-1, 16)
+    hi = raw[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64)
+    lo = raw[:, 8:].copy().view(">u8").reshape(-1).astype(np.uint64)
+    order = np.lexsort((lo, hi))
+    del hi, lo
+    return keys[order]
+
+
+def subset_path(save_path: str | os.PathLike) -> Path:
+    """Where ``np.save(save_path, ...)`` would write: it appends ``.npy`` when missing."""
+    p = Path(save_path)
+    return p if p.suffix == ".npy" else p.with_name(p.name + ".npy")
+
+
+def write_subset(save_path: str | os.PathLike, keys: np.ndarray) -> tuple[Path, int]:
+    """Write keys as DataComp's sorted, de-duplicated ``u8,u8`` file, atomically.
+
+    Returns the final path and the number of rows written.
+    """
+    keys, dups = sort_unique(keys)
+    if dups:
+        log.warning("dropped %d duplicate uid(s): DataComp's resharder would write them twice", dups)
+    path = subset_path(save_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, keys_to_pairs(keys))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path, len(keys)
+
+
+def read_subset(path: str | os.PathLike) -> np.ndarray:
+    """Read a subset file: an ``.npy`` of dtype ``u8,u8`` or a raw memmap of that dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"subset file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        arr = np.load(path, mmap_mode="r")
+    else:
+        if path.stat().st_size % UID_DTYPE.itemsize:
+            raise UserError(f"{path} is neither an .npy file nor a raw u8,u8 memmap (size not a multiple of 16)")
+        arr = np.memmap(path, dtype=UID_DTYPE, mode="r")
+    if arr.dtype != UID_DTYPE:
+        raise UserError(f"{path} has dtype {arr.dtype}, expected DataComp's u8,u8")
+    return arr

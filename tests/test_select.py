@@ -1,0 +1,252 @@
+"""Selection must equal, byte for byte, the in-memory methods of DataComp and the reference code."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from baselines import in_memory  # noqa: E402
+from synth_store import write_folder  # noqa: E402
+
+from datacomp_sieve import select as select_mod  # noqa: E402
+from datacomp_sieve.cli import baselines_main, main  # noqa: E402
+
+L14 = "clip_l14_similarity_score"
+B32 = "clip_b32_similarity_score"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Metadata (all rows, a few NaN clip scores) and a score store for ~90% of the rows."""
+    root = tmp_path_factory.mktemp("pool")
+    uids = write_folder(str(root / "metadata"), rows=5000, files=3, seed=1, columns=(L14, B32), missing=0.01)
+    # the store covers a subset of the metadata uids (failed downloads have no score) in other files
+    rng = np.random.default_rng(2)
+    flat = pa.concat_arrays(uids)
+    keep = np.sort(rng.choice(len(flat), size=4500, replace=False))
+    kept = flat.take(pa.array(keep))
+    store_uids = [kept.slice(0, 2000), kept.slice(2000)]
+    write_folder(str(root / "store"), rows=4500, files=2, seed=3, columns=("sieve_score", "clip_score"),
+                 missing=0.02, uids=store_uids)
+    # a few store rows whose uid is not in the metadata
+    write_folder(str(root / "store_extra"), rows=30, files=1, seed=4, columns=("sieve_score",))
+    return root
+
+
+def run(args):
+    return baselines_main(args + ["--quiet"])
+
+
+def same_bytes(a, b):
+    return Path(a).read_bytes() == Path(b).read_bytes()
+
+
+@pytest.mark.parametrize("arch,col", [("l14", L14), ("b32", B32)])
+@pytest.mark.parametrize("fraction", [0.001, 0.1, 0.3, 0.5, 0.98])
+def test_clip_score_fraction_byte_identical_to_datacomp(pool, tmp_path, arch, col, fraction):
+    out = tmp_path / "ours.npy"
+    assert run(["--name", "clip_score", "--arch", arch, "--fraction", str(fraction),
+                "--metadata_dir", str(pool / "metadata"), "--save_path", str(out)]) == 0
+    in_memory.clip_score(str(pool / "metadata"), col, str(tmp_path / "ref.npy"), fraction=fraction)
+    assert same_bytes(out, tmp_path / "ref.npy")
+    arr = np.load(out)
+    assert len(arr) > 0 and np.array_equal(np.unique(arr), arr)
+
+
+def test_fraction_past_the_scored_rows_keeps_nothing_like_datacomp(pool, tmp_path):
+    # 1% of clip scores are NaN: DataComp sorts them last, so fraction 0.995 lands on NaN.
+    out = tmp_path / "ours.npy"
+    assert run(["--name", "clip_score", "--fraction", "0.995", "--metadata_dir", str(pool / "metadata"),
+                "--save_path", str(out)]) == 0
+    assert len(np.load(out)) == 0
+
+
+@pytest.mark.parametrize("threshold", ["0.3", "0.25", "0.3612"])
+def test_clip_score_threshold_byte_identical(pool, tmp_path, threshold):
+    out = tmp_path / "ours.npy"
+    assert run(["--name", "clip_score", "--threshold", threshold, "--metadata_dir", str(pool / "metadata"),
+                "--save_path", str(out)]) == 0
+    in_memory.clip_score(str(pool / "metadata"), L14, str(tmp_path / "ref.npy"), threshold=float(threshold))
+    assert same_bytes(out, tmp_path / "ref.npy")
+
+
+def test_ties_at_the_threshold_are_all_kept(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    uids = ["%032x" % i for i in range(10)]
+    scores = np.array([0.5, 0.4, 0.4, 0.4, 0.3, 0.2, 0.1, 0.0, -0.0, 0.9], np.float32)
+    pq.write_table(pa.table({"uid": uids, L14: scores}), folder / "a.parquet")
+    out = tmp_path / "o.npy"
+    assert run(["--name", "clip_score", "--fraction", "0.25", "--metadata_dir", str(folder), "--save_path", str(out)]) == 0
+    # n = 2 -> threshold 0.4 -> 0.9, 0.5 and the three 0.4s
+    assert len(np.load(out)) == 5
+    assert run(["--name", "clip_score", "--fraction", "0.85", "--metadata_dir", str(folder), "--save_path", str(out)]) == 0
+    assert len(np.load(out)) == 10  # n = 8 -> threshold 0.0 (or -0.0): both zeros are kept
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5, 1.0])
+def test_sieve_byte_identical_to_reference_fusion(pool, tmp_path, fraction):
+    out = tmp_path / "ours.npy"
+    assert run(["--name", "sieve", "--fraction", str(fraction), "--scores_dir", str(pool / "store"),
+                "--save_path", str(out)]) == 0
+    in_memory.fused(str(pool / "store"), ["sieve_score"], [1.0], str(tmp_path / "ref.npy"), fraction)
+    assert same_bytes(out, tmp_path / "ref.npy")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.7])
+def test_sieve_clip_with_metadata_join_byte_identical(pool, tmp_path, monkeypatch, alpha):
+    monkeypatch.setattr(select_mod, "PARTITION_ROWS", 300)  # several partitions
+    out = tmp_path / "ours.npy"
+    assert run(["--name", "sieve_clip", "--alpha", str(alpha), "--metadata_dir", str(pool / "metadata"),
+                "--scores_dir", str(pool / "store"), "--save_path", str(out), "--tmp_dir", str(tmp_path)]) == 0
+    in_memory.fused(str(pool / "store"), ["sieve_score", L14], [1 - alpha, alpha], str(tmp_path / "ref.npy"),
+                    0.2, extra=(str(pool / "metadata"), [L14]))
+    assert same_bytes(out, tmp_path / "ref.npy")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("datacomp-sieve-join")] == []
+
+
+def test_sieve_clip_from_store_and_weights_form(pool, tmp_path):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert run(["--name", "sieve_clip", "--clip_from", "store", "--scores_dir", str(pool / "store"),
+                "--save_path", str(a)]) == 0
+    assert run(["--name", "sieve_clip", "--weights", "sieve_score=0.5", "clip_score=0.5",
+                "--scores_dir", str(pool / "store"), "--save_path", str(b)]) == 0
+    in_memory.fused(str(pool / "store"), ["sieve_score", "clip_score"], [0.5, 0.5], str(tmp_path / "ref.npy"), 0.2)
+    assert same_bytes(a, tmp_path / "ref.npy") and same_bytes(b, tmp_path / "ref.npy")
+
+
+def test_missing_scores_are_excluded_and_counted(pool, tmp_path, caplog, capsys):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(pool / "store", store)
+    shutil.copy(pool / "store_extra" / "00000000.parquet", store / "extra.parquet")
+    out = tmp_path / "o.npy"
+    assert run(["--name", "sieve_clip", "--metadata_dir", str(pool / "metadata"),
+                "--scores_dir", str(store), "--save_path", str(out)]) == 0
+    assert "30 row(s) of score store have no matching uid" in caplog.text
+    assert "row(s) of metadata folder have no matching uid" in caplog.text
+    assert "row(s) have no sieve score" in caplog.text
+    in_memory.fused(str(pool / "store"), ["sieve_score", L14], [0.5, 0.5], str(tmp_path / "ref.npy"),
+                    0.2, extra=(str(pool / "metadata"), [L14]))
+    assert same_bytes(out, tmp_path / "ref.npy")
+    # a store from another pool: nothing joins, and the user is told so in one line
+    code, err = _err(capsys, ["--name", "sieve_clip", "--metadata_dir", str(pool / "metadata"),
+                              "--scores_dir", str(pool / "store_extra"), "--save_path", str(out)])
+    assert code == 2 and len(err) == 1 and "same pool" in err[0], err
+
+
+def test_fsspec_memory_metadata(pool, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in sorted((pool / "metadata").glob("*.parquet")):
+        fs.pipe(f"/meta/{p.name}", p.read_bytes())
+    out = tmp_path / "o.npy"
+    assert run(["--name", "clip_score", "--fraction", "0.3", "--metadata_dir", "memory://meta", "--save_path", str(out)]) == 0
+    in_memory.clip_score(str(pool / "metadata"), L14, str(tmp_path / "ref.npy"), fraction=0.3)
+    assert same_bytes(out, tmp_path / "ref.npy")
+
+
+def test_no_filter_lists_every_uid(pool, tmp_path):
+    out = tmp_path / "o.npy"
+    assert main(["filter", "--name", "no_filter", "--metadata_dir", str(pool / "metadata"), "--save_path", str(out), "--quiet"]) == 0
+    assert len(np.load(out)) == 5000
+
+
+def test_float64_scores_select_exactly(tmp_path):
+    write_folder(str(tmp_path / "s"), rows=3000, files=2, seed=9, columns=("sieve_score",), dtype=np.float64)
+    out = tmp_path / "o.npy"
+    assert run(["--name", "sieve", "--fraction", "0.2", "--scores_dir", str(tmp_path / "s"), "--save_path", str(out)]) == 0
+    in_memory.fused(str(tmp_path / "s"), ["sieve_score"], [1.0], str(tmp_path / "ref.npy"), 0.2)
+    assert same_bytes(out, tmp_path / "ref.npy")
+
+
+def _err(capsys, args):
+    code = run(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--fraction", "0.2", "--threshold", "0.3"], "not both"),
+    ([], "give --fraction"),
+    (["--fraction", "0"], "must be in (0, 1]"),
+    (["--fraction", "1.5"], "must be in (0, 1]"),
+    (["--fraction", "nan"], "must be in (0, 1]"),
+])
+def test_clip_score_flag_errors_are_one_line(pool, tmp_path, capsys, extra, message):
+    code, err = _err(capsys, ["--name", "clip_score", "--metadata_dir", str(pool / "metadata"),
+                              "--save_path", str(tmp_path / "o.npy")] + extra)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--alpha", "1.5"], "must be in [0, 1]"),
+    (["--weights", "sieve=0.6", "clip=0.6"], "must sum to 1"),
+    (["--weights", "sieve"], "key=weight"),
+    (["--weights", "sieve=0.5", "nonexistent=0.5"], "neither sieve, clip"),
+])
+def test_fusion_flag_errors_are_one_line(pool, tmp_path, capsys, extra, message):
+    code, err = _err(capsys, ["--name", "sieve_clip", "--metadata_dir", str(pool / "metadata"),
+                              "--scores_dir", str(pool / "store"), "--save_path", str(tmp_path / "o.npy")] + extra)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_folder_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noparquet").mkdir()
+    (tmp_path / "noparquet" / "x.txt").write_text("x")
+    for folder, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "empty", "is empty"),
+                            (tmp_path / "noparquet", "no .parquet files")]:
+        code, err = _err(capsys, ["--name", "clip_score", "--fraction", "0.1", "--metadata_dir", str(folder),
+                                  "--save_path", str(tmp_path / "o.npy")])
+        assert code == 2 and len(err) == 1 and message in err[0], err
+    code, err = _err(capsys, ["--name", "sieve", "--save_path", str(tmp_path / "o.npy")])
+    assert code == 2 and "--scores_dir" in err[0]
+
+
+def test_score_column_errors_are_one_line(tmp_path, capsys):
+    m = tmp_path / "m"
+    m.mkdir()
+    pq.write_table(pa.table({"uid": ["%032x" % i for i in range(4)], "text": ["a"] * 4}), m / "a.parquet")
+    code, err = _err(capsys, ["--name", "clip_score", "--fraction", "0.5", "--metadata_dir", str(m), "--save_path", str(tmp_path / "o")])
+    assert code == 2 and len(err) == 1 and "no column clip_l14_similarity_score" in err[0]
+    pq.write_table(pa.table({"uid": ["%032x" % i for i in range(4)],
+                             L14: pa.array([None] * 4, pa.float32())}), m / "a.parquet")
+    code, err = _err(capsys, ["--name", "clip_score", "--fraction", "0.5", "--metadata_dir", str(m), "--save_path", str(tmp_path / "o")])
+    assert code == 2 and len(err) == 1 and "every value is missing or NaN" in err[0]
+    s = tmp_path / "s"
+    s.mkdir()
+    pq.write_table(pa.table({"uid": ["%032x" % i for i in range(4)], "sieve_score": np.full(4, 0.5, np.float32)}), s / "a.parquet")
+    code, err = _err(capsys, ["--name", "sieve", "--scores_dir", str(s), "--save_path", str(tmp_path / "o")])
+    assert code == 2 and len(err) == 1 and "is constant" in err[0]
+
+
+def test_help_explains_every_name_and_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        baselines_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ["no_filter", "clip_score", "sieve_clip", "--metadata_dir", "--save_path", "--fraction",
+                 "--threshold", "--arch", "--num_workers", "--scores_dir", "--shards_dir", "--alpha", "--weights"]:
+        assert word in out
+
+
+def test_root_baselines_py_runs_as_a_script(pool, tmp_path):
+    import subprocess
+
+    out = tmp_path / "o.npy"
+    r = subprocess.run([sys.executable, str(ROOT / "baselines.py"), "--name", "clip_score", "--arch", "l14",
+                        "--fraction", "0.3", "--metadata_dir", str(pool / "metadata"), "--save_path", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "kept" in r.stderr and out.exists()
