@@ -1,0 +1,91 @@
+"""Selection at pool scale: wall time and peak memory, out-of-core engine vs in-memory method.
+
+    python bench/select_scale.py --rows 12800000 128000000 --work_dir /tmp/select-bench
+
+For each size it writes a synthetic score store (uid, sieve_score, clip_score; 1M rows per file),
+then runs, each in its own process, sieve_clip fusion (alpha 0.5) + top-20% selection + sorted
+uid file with (a) this tool's engine and (b) the in-memory method of DataComp / the reference
+code (baselines/in_memory.py), and reports wall time, peak RSS, and whether the two .npy files
+are byte-identical. Peak RSS is the child's ru_maxrss (os.wait4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+ENGINE = """
+import sys
+from datacomp_sieve.cli import baselines_main
+sys.exit(baselines_main(["--name", "sieve_clip", "--clip_from", "store", "--fraction", "0.2",
+                         "--scores_dir", sys.argv[1], "--save_path", sys.argv[2], "--quiet"]))
+"""
+
+IN_MEMORY = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from baselines import in_memory
+in_memory.fused(sys.argv[1], ["sieve_score", "clip_score"], [0.5, 0.5], sys.argv[2], 0.2)
+"""
+
+
+def measure(code: str, *args: str) -> tuple[float, float]:
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t0
+    if status != 0:
+        raise SystemExit(f"benchmark child failed with status {status}")
+    return wall, usage.ru_maxrss / 1024.0  # KiB -> MiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[12_800_000, 128_000_000])
+    ap.add_argument("--work_dir", default="/tmp/datacomp-sieve-select-bench")
+    ap.add_argument("--methods", nargs="+", default=["engine", "in_memory"], choices=["engine", "in_memory"])
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic stores for later runs")
+    args = ap.parse_args()
+
+    from synth_store import write_folder
+
+    rows_out = []
+    for rows in args.rows:
+        store = Path(args.work_dir) / f"store_{rows}"
+        if not (store / "DONE").exists():
+            t0 = time.time()
+            write_folder(str(store), rows=rows, files=max(1, rows // 1_000_000), seed=rows % 997,
+                         columns=("sieve_score", "clip_score"), missing=0.001)
+            (store / "DONE").write_text("")
+            print(f"wrote synthetic store of {rows:,} rows in {time.time() - t0:.0f}s", flush=True)
+        outs = {}
+        for method in args.methods:
+            out = Path(args.work_dir) / f"{method}_{rows}.npy"
+            code = ENGINE if method == "engine" else IN_MEMORY
+            wall, rss = measure(code, str(store), str(out), str(ROOT))
+            outs[method] = out
+            import numpy as np
+
+            rows_out.append((rows, method, wall, rss, len(np.load(out, mmap_mode="r"))))
+            print(f"{rows:>13,}  {method:<10} {wall:8.1f} s  peak RSS {rss:8.0f} MiB  kept {rows_out[-1][4]:,}", flush=True)
+        if len(outs) == 2:
+            same = outs["engine"].read_bytes() == outs["in_memory"].read_bytes()
+            print(f"{rows:>13,}  outputs byte-identical: {same}", flush=True)
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(store)
+    print("\nrows          method      wall (s)  peak RSS (MiB)")
+    for rows, method, wall, rss, kept in rows_out:
+        print(f"{rows:<13,} {method:<11} {wall:8.1f}  {rss:10.0f}")
+
+
+if __name__ == "__main__":
+    main()
