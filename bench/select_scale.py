@@ -36,14 +36,33 @@ in_memory.fused(sys.argv[1], ["sieve_score", "clip_score"], [0.5, 0.5], sys.argv
 """
 
 
-def measure(code: str, *args: str) -> tuple[float, float]:
+GENERATE = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from synth_store import write_folder
+rows = int(sys.argv[2])
+write_folder(sys.argv[1], rows=rows, files=max(1, rows // 1_000_000), seed=rows % 997,
+             columns=("sieve_score", "clip_score"), missing=0.001, keep_uids=False)
+"""
+
+
+def measure(code: str, *args: str, limit_gb: float | None = None) -> tuple[float, float, int]:
+    """Run code in a child process: wall seconds, peak RSS in MiB, exit status.
+
+    The parent stays small, so the child's ru_maxrss (which starts from the parent's size at
+    fork) measures the child's own memory.
+    """
+    def cap():
+        if limit_gb:
+            import resource
+
+            size = int(limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, preexec_fn=cap)
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - t0
-    if status != 0:
-        raise SystemExit(f"benchmark child failed with status {status}")
-    return wall, usage.ru_maxrss / 1024.0  # KiB -> MiB
+    return time.time() - t0, usage.ru_maxrss / 1024.0, status
 
 
 def main() -> None:
@@ -52,29 +71,39 @@ def main() -> None:
     ap.add_argument("--work_dir", default="/tmp/datacomp-sieve-select-bench")
     ap.add_argument("--methods", nargs="+", default=["engine", "in_memory"], choices=["engine", "in_memory"])
     ap.add_argument("--keep", action="store_true", help="keep the synthetic stores for later runs")
+    ap.add_argument("--memory_limit_gb", type=float, default=18.0,
+                    help="address-space cap for each method's process, so that running out of memory "
+                         "fails that process cleanly instead of waking the kernel's OOM killer")
     args = ap.parse_args()
 
-    from synth_store import write_folder
+    import numpy as np
 
+    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     rows_out = []
     for rows in args.rows:
         store = Path(args.work_dir) / f"store_{rows}"
         if not (store / "DONE").exists():
             t0 = time.time()
-            write_folder(str(store), rows=rows, files=max(1, rows // 1_000_000), seed=rows % 997,
-                         columns=("sieve_score", "clip_score"), missing=0.001)
+            wall, _, status = measure(GENERATE, str(store), str(rows), str(ROOT / "bench"))
+            if status:
+                raise SystemExit(f"writing the synthetic store failed (status {status})")
             (store / "DONE").write_text("")
             print(f"wrote synthetic store of {rows:,} rows in {time.time() - t0:.0f}s", flush=True)
         outs = {}
         for method in args.methods:
             out = Path(args.work_dir) / f"{method}_{rows}.npy"
             code = ENGINE if method == "engine" else IN_MEMORY
-            wall, rss = measure(code, str(store), str(out), str(ROOT))
+            out.unlink(missing_ok=True)
+            wall, rss, status = measure(code, str(store), str(out), str(ROOT), limit_gb=args.memory_limit_gb)
+            if status:
+                why = (f"failed: out of memory under the {args.memory_limit_gb:g} GiB cap" if status in (256, 9)
+                       else f"failed with wait status {status}")
+                rows_out.append((rows, method, wall, rss, why))
+                print(f"{rows:>13,}  {method:<10} FAILED after {wall:.1f} s ({why}), peak RSS {rss:.0f} MiB", flush=True)
+                continue
             outs[method] = out
-            import numpy as np
-
-            rows_out.append((rows, method, wall, rss, len(np.load(out, mmap_mode="r"))))
-            print(f"{rows:>13,}  {method:<10} {wall:8.1f} s  peak RSS {rss:8.0f} MiB  kept {rows_out[-1][4]:,}", flush=True)
+            rows_out.append((rows, method, wall, rss, f"kept {len(np.load(out, mmap_mode='r')):,}"))
+            print(f"{rows:>13,}  {method:<10} {wall:8.1f} s  peak RSS {rss:8.0f} MiB  {rows_out[-1][4]}", flush=True)
         if len(outs) == 2:
             same = outs["engine"].read_bytes() == outs["in_memory"].read_bytes()
             print(f"{rows:>13,}  outputs byte-identical: {same}", flush=True)
@@ -82,9 +111,9 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(store)
-    print("\nrows          method      wall (s)  peak RSS (MiB)")
-    for rows, method, wall, rss, kept in rows_out:
-        print(f"{rows:<13,} {method:<11} {wall:8.1f}  {rss:10.0f}")
+    print("\n| rows | method | wall (s) | peak RSS (MiB) | result |\n|---|---|---|---|---|")
+    for rows, method, wall, rss, result in rows_out:
+        print(f"| {rows:,} | {method} | {wall:.1f} | {rss:.0f} | {result} |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def random_uids(rng: np.random.Generator, n: int) -> pa.Array:
 
 
 def write_folder(folder: str, rows: int, files: int = 4, seed: int = 0, columns=("sieve_score",),
-                 missing: float = 0.0, ties: bool = True, dtype=np.float32, uids: list | None = None) -> list:
+                 missing: float = 0.0, ties: bool = True, dtype=np.float32, uids: list | None = None, keep_uids: bool = True) -> list:
     """Write ``files`` parquet files with uid + the given float columns; returns each file's uid array."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -48,5 +48,6 @@ def write_folder(folder: str, rows: int, files: int = 4, seed: int = 0, columns=
             mask = rng.random(n) < missing if missing else None
             table[c] = pa.array(v, mask=mask)
         pq.write_table(pa.table(table), os.path.join(folder, f"{i:08d}.parquet"), row_group_size=1 << 20)
-        out.append(uid)
+        if keep_uids:
+            out.append(uid)
     return out

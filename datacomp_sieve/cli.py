@@ -76,7 +76,7 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_filter(args: argparse.Namespace) -> int:
     from .filters import FILTERS, FilterOptions
-    from .uids import write_subset
+    from .uids import SubsetWriter
 
     if args.image_based_scale is not None:
         raise UserError("--image_based_scale belongs to DataComp's image_based baselines; run those with DataComp's baselines.py")
@@ -90,7 +90,7 @@ def run_filter(args: argparse.Namespace) -> int:
         metadata_dir=args.metadata_dir, scores_dir=args.scores_dir, shards_dir=args.shards_dir,
         fraction=args.fraction, threshold=args.threshold, arch=args.arch, alpha=args.alpha,
         weights=_weights(args.weights), clip_from=args.clip_from, tmp_dir=args.tmp_dir,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and sys.stderr.isatty(), sink=SubsetWriter(args.tmp_dir),
     )
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UserError(f"--tmp_dir {args.tmp_dir} is not a folder")
@@ -103,7 +103,7 @@ def run_filter(args: argparse.Namespace) -> int:
     sel = FILTERS[args.name].run(opts)
     for note in sel.notes:
         log.warning("%s", note)
-    path, written = write_subset(args.save_path, sel.keys)
+    path, written = opts.sink.write(args.save_path)
     pct = 100.0 * written / sel.scored if sel.scored else 0.0
     thr = "" if sel.threshold != sel.threshold else f", threshold {sel.threshold:.6g}"
     log.info("kept %d of %d scored samples (%.2f%%)%s", written, sel.scored, pct, thr)

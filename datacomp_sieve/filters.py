@@ -9,8 +9,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from .errors import UserError
 from .metadata import CLIP_COLUMNS, ParquetFolder
 from .select import Selection, Term, select
@@ -32,6 +30,7 @@ class FilterOptions:
     clip_from: str = "metadata"
     tmp_dir: str | None = None
     progress: bool = True
+    sink: object = None
 
 
 @dataclass
@@ -108,7 +107,7 @@ def run_clip_score(opts: FilterOptions) -> Selection:
     term = _clip_term(FilterOptions(**{**opts.__dict__, "clip_from": "metadata"}), 1.0)
     # DataComp's convention: rows without a score count in N and sort last; no normalisation.
     return select([term], fraction=opts.fraction, threshold=opts.threshold, normalize=False,
-                  count_missing=True, tmp_dir=opts.tmp_dir, progress=opts.progress)
+                  count_missing=True, tmp_dir=opts.tmp_dir, progress=opts.progress, sink=opts.sink)
 
 
 def run_no_filter(opts: FilterOptions) -> Selection:
@@ -118,9 +117,11 @@ def run_no_filter(opts: FilterOptions) -> Selection:
     meta.require(["uid"])
     from .uids import keys_from_arrow
 
-    keys = [keys_from_arrow(b.column(0), meta.what) for b in meta.batches(["uid"])]
-    keys = np.concatenate(keys) if keys else np.empty(0, "V16")
-    return Selection(keys=keys, threshold=float("nan"), rows=len(keys), scored=len(keys), kept=len(keys))
+    n = 0
+    for b in meta.batches(["uid"]):
+        opts.sink.add(keys_from_arrow(b.column(0), meta.what))
+        n += len(b)
+    return Selection(threshold=float("nan"), rows=n, scored=n, kept=n)
 
 
 def _fuse(opts: FilterOptions, terms: list[Term]) -> Selection:
@@ -130,7 +131,7 @@ def _fuse(opts: FilterOptions, terms: list[Term]) -> Selection:
     if any(t.weight < 0 for t in terms):
         raise UserError("fusion weights must not be negative")
     return select(terms, fraction=opts.fraction, threshold=opts.threshold, normalize=True,
-                  count_missing=False, tmp_dir=opts.tmp_dir, progress=opts.progress)
+                  count_missing=False, tmp_dir=opts.tmp_dir, progress=opts.progress, sink=opts.sink)
 
 
 def run_sieve(opts: FilterOptions) -> Selection:

@@ -42,7 +42,10 @@ class ParquetFolder:
         entries = fs.ls(root, detail=False)
         if not entries:
             raise UserError(f"{what} {url} is empty")
-        paths = sorted(str(p) for p in entries if str(p).endswith(".parquet"))
+        paths = sorted(
+            str(p) for p in entries
+            if str(p).endswith(".parquet") and not str(p).rsplit("/", 1)[-1].startswith((".", "_"))
+        )
         if not paths:
             raise UserError(f"{what} {url} has no .parquet files")
         return cls(url=url, fs=fs, paths=paths, what=what)

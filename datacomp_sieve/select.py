@@ -50,7 +50,6 @@ class Term:
 
 @dataclass
 class Selection:
-    keys: np.ndarray
     threshold: float
     rows: int
     scored: int
@@ -353,24 +352,26 @@ def select(
     count_missing: bool = False,
     tmp_dir: str | None = None,
     progress: bool = True,
+    sink=None,
 ) -> Selection:
     """Keep the rows whose fused score is at least a threshold, given or derived from a fraction.
 
     With a fraction, ``n = int(N * fraction)`` and the threshold is the fused score at position n
     of the scores sorted in descending order (DataComp's convention; fraction 1.0 keeps all).
     ``count_missing=True`` counts rows lacking a score in N as DataComp's clip_score baseline
-    does (they sort last); otherwise N is the number of rows that have every score.
+    does (they sort last); otherwise N is the number of rows that have every score. The kept
+    uids go to ``sink.add(keys)`` (a ``uids.SubsetWriter``).
     """
     if (fraction is None) == (threshold is None):
         raise UserError("give exactly one of --fraction and --threshold")
     table = open_table(terms, tmp_dir, progress)
     try:
-        return _select(table, terms, fraction, threshold, normalize, count_missing, progress)
+        return _select(table, terms, fraction, threshold, normalize, count_missing, progress, sink)
     finally:
         table.close()
 
 
-def _select(table, terms, fraction, threshold, normalize, count_missing, progress) -> Selection:
+def _select(table, terms, fraction, threshold, normalize, count_missing, progress, sink) -> Selection:
     fusion = Fusion(terms, normalize)
     rows = table.rows
     npass = 4 if fraction is not None else 2
@@ -423,7 +424,6 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
         thr = threshold
 
     # final pass: the uids
-    kept_keys = []
     kept = 0
     bar = _progress(rows, f"pass {step}/{npass}: collect uids", progress)
     for keys, scores, n in table.batches(with_keys=True):
@@ -436,18 +436,17 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
             with np.errstate(invalid="ignore"):
                 mask = ok & (f >= f.dtype.type(thr))
         if mask.any():
-            kept_keys.append(keys.take(mask))
+            sink.add(keys.take(mask))
             kept += int(mask.sum())
         bar.update(n)
     bar.close()
-    keys = np.concatenate(kept_keys) if kept_keys else np.empty(0, KEY_DTYPE)
     if thr is None:
         thr_value = float("nan")
     else:
         thr_value = float(np.asarray(thr, dtype=dtype or np.float64))
     minmax = {t.name: (None if fusion.min[i] is None else float(fusion.min[i]),
                        None if fusion.max[i] is None else float(fusion.max[i])) for i, t in enumerate(terms)}
-    return Selection(keys=keys, threshold=thr_value, rows=rows, scored=scored, kept=kept,
+    return Selection(threshold=thr_value, rows=rows, scored=scored, kept=kept,
                      lacking={**lacking, **table.lacking}, minmax=minmax, notes=notes)
 
 

@@ -135,27 +135,105 @@ def subset_path(save_path: str | os.PathLike) -> Path:
     return p if p.suffix == ".npy" else p.with_name(p.name + ".npy")
 
 
-def write_subset(save_path: str | os.PathLike, keys: np.ndarray) -> tuple[Path, int]:
-    """Write keys as DataComp's sorted, de-duplicated ``u8,u8`` file, atomically.
+class SubsetWriter:
+    """Collects kept uids and writes DataComp's sorted, de-duplicated ``u8,u8`` file atomically.
 
-    Returns the final path and the number of rows written.
+    Up to ``memory_keys`` uids are held in memory; past that they are spilled to 256 partition
+    files by their leading byte, and each partition is sorted on its own, so memory stays flat
+    however large the subset. The file is byte-identical to ``np.save`` of the sorted array.
     """
-    keys, dups = sort_unique(keys)
-    if dups:
-        log.warning("dropped %d duplicate uid(s): DataComp's resharder would write them twice", dups)
-    path = subset_path(save_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, keys_to_pairs(keys))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path, len(keys)
+
+    PARTS = 256
+
+    def __init__(self, tmp_dir: str | None = None, memory_keys: int = 8_000_000):
+        self.tmp_dir = tmp_dir
+        self.memory_keys = memory_keys
+        self.buf: list[np.ndarray] = []
+        self.nbuf = 0
+        self.dir: str | None = None
+        self.files: list | None = None
+
+    def add(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self.buf.append(keys)
+            self.nbuf += len(keys)
+            if self.nbuf >= self.memory_keys:
+                self._spill()
+
+    def _spill(self) -> None:
+        import tempfile
+
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="datacomp-sieve-uids-", dir=self.tmp_dir)
+            self.files = [open(os.path.join(self.dir, f"{p:03d}.bin"), "wb") for p in range(self.PARTS)]
+        if not self.buf:
+            return
+        keys = np.concatenate(self.buf)
+        self.buf, self.nbuf = [], 0
+        part = keys.view(np.uint8).reshape(-1, 16)[:, 0]
+        order = np.argsort(part, kind="stable")
+        keys, part = keys[order], part[order]
+        bounds = np.searchsorted(part, np.arange(self.PARTS + 1))
+        for p in range(self.PARTS):
+            if bounds[p + 1] > bounds[p]:
+                keys[bounds[p] : bounds[p + 1]].tofile(self.files[p])
+
+    def write(self, save_path: str | os.PathLike) -> tuple[Path, int]:
+        """Write the file; returns its path and the number of uids in it."""
+        import shutil
+
+        path = subset_path(save_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        dups = 0
+        try:
+            if self.dir is None:
+                keys = np.concatenate(self.buf) if self.buf else np.empty(0, KEY_DTYPE)
+                self.buf = []
+                keys, dups = sort_unique(keys)
+                parts = [keys]
+                total = len(keys)
+            else:
+                self._spill()
+                for f in self.files:
+                    f.close()
+                total = 0
+                for p in range(self.PARTS):
+                    f = os.path.join(self.dir, f"{p:03d}.bin")
+                    k, d = sort_unique(np.fromfile(f, dtype=KEY_DTYPE))
+                    k.tofile(f)
+                    dups += d
+                    total += len(k)
+                parts = None
+            header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (total,)}
+            with open(tmp, "wb") as out:
+                np.lib.format.write_array_header_1_0(out, header)
+                if parts is not None:
+                    for k in parts:
+                        out.write(keys_to_pairs(k).tobytes())
+                else:
+                    for p in range(self.PARTS):
+                        k = np.fromfile(os.path.join(self.dir, f"{p:03d}.bin"), dtype=KEY_DTYPE)
+                        out.write(keys_to_pairs(k).tobytes())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
+        if dups:
+            log.warning("dropped %d duplicate uid(s): DataComp's resharder would write them twice", dups)
+        return path, total
+
+
+def write_subset(save_path: str | os.PathLike, keys: np.ndarray) -> tuple[Path, int]:
+    """Write keys as DataComp's sorted, de-duplicated ``u8,u8`` file, atomically."""
+    w = SubsetWriter()
+    w.add(keys)
+    return w.write(save_path)
 
 
 def read_subset(path: str | os.PathLike) -> np.ndarray:

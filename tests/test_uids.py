@@ -92,3 +92,24 @@ def test_read_subset_npy_and_raw_memmap(tmp_path):
         read_subset(tmp_path / "bad.npy")
     with pytest.raises(UserError, match="not found"):
         read_subset(tmp_path / "missing.npy")
+
+
+def test_writer_spills_to_partitions_and_stays_byte_identical(tmp_path):
+    from datacomp_sieve.uids import SubsetWriter
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=(3000, 16), dtype=np.uint8)
+    raw[1500:1600] = raw[:100]  # duplicates across batches
+    keys = raw.view("V16").reshape(-1)
+    w = SubsetWriter(tmp_dir=str(tmp_path), memory_keys=250)
+    for s in range(0, len(keys), 170):
+        w.add(keys[s : s + 170])
+    path, n = w.write(tmp_path / "spilled.npy")
+    assert n == 2900
+    np.save(tmp_path / "ref.npy", np.unique(keys_to_pairs(keys)))
+    assert path.read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.is_dir()]
+    # an empty subset is a valid, empty DataComp file
+    path, n = SubsetWriter().write(tmp_path / "empty.npy")
+    np.save(tmp_path / "empty_ref.npy", np.empty(0, UID_DTYPE))
+    assert n == 0 and path.read_bytes() == (tmp_path / "empty_ref.npy").read_bytes()
