@@ -44,24 +44,42 @@ def clip_score(metadata_dir: str, column: str, save_path: str, fraction=None, th
     return threshold
 
 
+def _fuse(df: pd.DataFrame, columns: list[str], weights: list[float], lo: dict, hi: dict) -> pd.Series:
+    total = None
+    for c, w in zip(columns, weights):
+        term = w * ((df[c] - lo[c]) / (hi[c] - lo[c]))
+        total = term if total is None else total + term
+    return total
+
+
 def fused(folder: str, columns: list[str], weights: list[float], save_path: str, fraction: float,
           extra: tuple[str, list[str]] | None = None) -> float:
     """The Sieve reference fusion: min-max normalise each column, weighted sum, top fraction.
 
-    ``extra`` = (folder, columns) joins more columns from another folder on uid (inner join).
-    Rows lacking any score are dropped before normalising.
+    As the reference code: load the score columns of the whole pool (no uids), normalise, sort,
+    take the threshold; then read each file's uids and keep those ``>=`` it. Rows lacking a
+    score are left out of N. ``extra`` = (folder, columns) joins more columns from another
+    folder on uid (inner join), which needs the uids of the whole pool in memory.
     """
-    df = _load(folder, ["uid"] + [c for c in columns if extra is None or c not in extra[1]])
-    if extra is not None:
+    if extra is None:
+        df = _load(folder, columns).dropna()
+    else:
+        df = _load(folder, ["uid"] + [c for c in columns if c not in extra[1]])
         df = df.merge(_load(extra[0], ["uid"] + extra[1]), on="uid", how="inner")
-    df = df.dropna(subset=columns).drop_duplicates("uid")
-    total = None
-    for c, w in zip(columns, weights):
-        lo, hi = df[c].min(), df[c].max()
-        term = w * ((df[c] - lo) / (hi - lo))
-        total = term if total is None else total + term
-    values = total.values
+        df = df.dropna(subset=columns).drop_duplicates("uid")
+    lo = {c: df[c].min() for c in columns}
+    hi = {c: df[c].max() for c in columns}
+    values = _fuse(df, columns, weights, lo, hi).values
     n = int(len(values) * fraction)
     threshold = values.min() if n >= len(values) else -np.sort(-values)[n]
-    _save(_to_pairs(df["uid"].values[values >= threshold]), save_path)
+    if extra is not None:
+        uids = _to_pairs(df["uid"].values[values >= threshold])
+    else:
+        del df, values
+        parts = []
+        for p in _files(folder):
+            part = pd.read_parquet(p, columns=["uid"] + columns).dropna()
+            parts.append(_to_pairs(part["uid"].values[_fuse(part, columns, weights, lo, hi).values >= threshold]))
+        uids = np.unique(np.concatenate(parts))
+    _save(uids, save_path)
     return threshold

@@ -94,6 +94,7 @@ class FolderTable:
         self.rows = self.folder.num_rows()
         self.lacking: dict = {}
         self.notes: list = []
+        self.null_uids = 0
 
     def batches(self, with_keys: bool) -> Iterator[tuple[np.ndarray | None, list[np.ndarray], object]]:
         cols = (["uid"] if with_keys else []) + list(dict.fromkeys(self.columns))
@@ -101,7 +102,7 @@ class FolderTable:
             scores = [_as_float(b.column(b.schema.get_field_index(c)), c) for c in self.columns]
             keys = None
             if with_keys:
-                keys = _LazyKeys(b.column(0), self.folder.what)
+                keys = _LazyKeys(b.column(0), self.folder.what, self)
             yield keys, scores, len(b)
 
     def close(self) -> None:
@@ -111,14 +112,19 @@ class FolderTable:
 class _LazyKeys:
     """Parse uids only for the rows that are kept: most of the pool is dropped."""
 
-    def __init__(self, arrow_uids, what: str):
+    def __init__(self, arrow_uids, what: str, table):
         self.arrow = arrow_uids
         self.what = what
+        self.table = table
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         import pyarrow as pa
 
-        return keys_from_arrow(self.arrow.filter(pa.array(mask)), self.what)
+        kept = self.arrow.filter(pa.array(mask))
+        if kept.null_count:
+            self.table.null_uids += kept.null_count
+            kept = kept.drop_null()
+        return keys_from_arrow(kept, self.what)
 
 
 class _ArrayKeys:
@@ -136,6 +142,7 @@ class JoinedTable:
         self.names = [t.name for t in terms]
         self.notes: list = []
         self.lacking: dict = {}
+        self.null_uids = 0
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(terms):
             groups.setdefault(t.folder.url, []).append(i)
@@ -162,6 +169,9 @@ class JoinedTable:
             files = {}
             bar = _progress(rows, f"partition {folder.what}", progress)
             for b in folder.batches(["uid"] + columns, batch_rows):
+                if b.column(0).null_count:
+                    self.null_uids += b.column(0).null_count
+                    b = b.filter(b.column(0).is_valid())
                 keys = keys_from_arrow(b.column(0), folder.what)
                 vals = [_as_float(b.column(j + 1), c) for j, c in enumerate(columns)]
                 if dtypes[si] is None:
@@ -440,6 +450,8 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
             kept += int(mask.sum())
         bar.update(n)
     bar.close()
+    if table.null_uids:
+        notes.append(f"{table.null_uids} row(s) without a uid were left out")
     if thr is None:
         thr_value = float("nan")
     else:

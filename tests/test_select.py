@@ -250,3 +250,14 @@ def test_root_baselines_py_runs_as_a_script(pool, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "kept" in r.stderr and out.exists()
+
+
+def test_rows_without_uid_are_left_out_and_counted(pool, tmp_path, caplog):
+    s = tmp_path / "s"
+    s.mkdir()
+    uids = ["%032x" % i for i in range(6)] + [None, None]
+    pq.write_table(pa.table({"uid": pa.array(uids, pa.string()),
+                             "sieve_score": np.linspace(0, 1, 8).astype(np.float32)}), s / "a.parquet")
+    out = tmp_path / "o.npy"
+    assert run(["--name", "sieve", "--fraction", "1.0", "--scores_dir", str(s), "--save_path", str(out)]) == 0
+    assert len(np.load(out)) == 6 and "2 row(s) without a uid" in caplog.text
