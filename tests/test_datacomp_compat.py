@@ -58,3 +58,33 @@ def test_byte_identical_to_datacomp_baselines(tmp_path, datacomp_clip_score, arc
     args += ["--fraction", str(fraction)] if fraction else ["--threshold", str(threshold)]
     subprocess.run(args, check=True, capture_output=True)
     assert (tmp_path / "ours.npy").read_bytes() == (tmp_path / "datacomp.npy").read_bytes()
+
+
+@pytest.mark.skipif(not os.environ.get("DATACOMP_PYTHON"),
+                    reason="set DATACOMP_PYTHON to the interpreter of DataComp's own environment")
+def test_datacomp_resharder_accepts_our_subset(toy_pool, tmp_path):
+    import json
+
+    subset = tmp_path / "subset.npy"
+    args = [sys.executable, str(ROOT / "baselines.py"), "--name", "clip_score", "--fraction", "0.5",
+            "--metadata_dir", str(toy_pool / "metadata"), "--save_path", str(subset), "--quiet"]
+    subprocess.run(args, check=True, capture_output=True)
+    out = tmp_path / "resharded"
+    out.mkdir()
+    r = subprocess.run([os.environ["DATACOMP_PYTHON"], "resharder.py", "-i", str(toy_pool / "shards"),
+                        "-o", str(out), "-s", str(subset)], cwd=DATACOMP, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((out / "meta.json").read_text())
+    import pyarrow.parquet as pq
+
+    from datacomp_sieve.uids import keys_from_strings, keys_to_pairs
+
+    downloaded = set()
+    for p in sorted((toy_pool / "shards").glob("*.parquet")):
+        t = pq.read_table(p, columns=["uid", "status"]).to_pydict()
+        downloaded |= {u for u, s in zip(t["uid"], t["status"]) if s == "success"}
+    ours = {tuple(map(int, x)) for x in np.load(subset)}
+    expected = ours & {tuple(map(int, x)) for x in keys_to_pairs(keys_from_strings(sorted(downloaded)))}
+    # every listed uid that was downloaded comes out exactly once
+    assert meta["output_count"] == len(expected) > 0
+    assert np.array_equal(np.load(out / "sample_ids.npy"), np.load(subset))
