@@ -116,7 +116,12 @@ def run_toy_pool(args: argparse.Namespace) -> int:
 
     summary = build_toy_pool(args.out_dir, clip=args.clip, samples_per_shard=args.samples_per_shard,
                              progress=not args.quiet)
-    log.info("toy pool in %s: %s", args.out_dir, summary)
+    s = summary
+    clip = {"none": "left null (no CLIP model ran)", "tiny": "from a tiny random CLIP (not meaningful)",
+            "openai": "from OpenAI's ViT-B-32 and ViT-L-14"}[s["clip"]]
+    print(f"toy pool in {s['out_dir']}: {s['rows']} metadata rows in {len(s['metadata_files'])} parquet files; "
+          f"{s['successes']} downloaded into {len(s['shards'])} shards ({s['failed_to_download']} failed to "
+          f"download, {s['failed_to_resize']} failed to resize); CLIPScore columns {clip}")
     return 0
 
 
