@@ -682,134 +682,29 @@ def _version(dist: str) -> str:
 # CLIP scores
 # ---------------------------------------------------------------------------------------------
 
-# Two tiny towers for clip="tiny", built from open_clip's own configs with small overrides.
-_TINY_MODELS = {
-    "clip_b32_similarity_score": (
-        "ViT-B-32",
-        dict(embed_dim=32,
-             vision_cfg=dict(image_size=64, patch_size=16, width=64, layers=2, head_width=32),
-             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)),
-    ),
-    "clip_l14_similarity_score": (
-        "ViT-L-14",
-        dict(embed_dim=32,
-             vision_cfg=dict(image_size=56, patch_size=14, width=64, layers=2, head_width=32),
-             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)),
-    ),
-}
-
-# OpenAI's weights, as DataComp's columns were made: ViT-B/32 and ViT-L/14 (QuickGELU).
-_OPENAI_MODELS = {
+# DataComp's columns were made with OpenAI's ViT-B/32 and ViT-L/14.
+_ARCHS = {
     "clip_b32_similarity_score": "ViT-B-32",
     "clip_l14_similarity_score": "ViT-L-14",
 }
 
 
-def _openai_checkpoint(arch: str) -> Optional[str]:
-    """A local copy of OpenAI's weights for ``arch`` (open_clip's HF-hub or URL cache), or None.
-
-    Looks only; never downloads.
-    """
-    from open_clip.pretrained import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(arch, "openai") or {}
-    hub = (cfg.get("hf_hub") or "").strip("/")
-    if hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-                p = try_to_load_from_cache(hub, name)
-                if isinstance(p, str) and os.path.isfile(p):
-                    return p
-    url = cfg.get("url") or ""
-    if url:
-        p = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if os.path.isfile(p):
-            return p
-    return None
-
-
-@contextlib.contextmanager
-def _without_log_records(text: str):
-    """Drop root-logger records containing ``text`` (open_clip's expected "no pretrained weights"
-    warning), without letting logging.warning() configure the root logger as a side effect."""
-    import logging
-
-    root = logging.getLogger()
-    guard = logging.NullHandler() if not root.handlers else None
-    drop = logging.Filter()
-    drop.filter = lambda record: text not in record.getMessage()
-    if guard is not None:
-        root.addHandler(guard)
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-        if guard is not None:
-            root.removeHandler(guard)
-
-
-def _cosines(model, preprocess, tokenizer, images: list, texts: list[str], batch: int = 32) -> list[float]:
-    """Raw cosine of the L2-normalised image and text features, one per (image, text) pair."""
-    import torch
-
-    out: list[float] = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch):
-            ims = torch.stack([preprocess(im) for im in images[s:s + batch]])
-            toks = tokenizer(texts[s:s + batch])
-            fi = model.encode_image(ims).float()
-            ft = model.encode_text(toks).float()
-            fi = fi / fi.norm(dim=-1, keepdim=True)
-            ft = ft / ft.norm(dim=-1, keepdim=True)
-            out.extend((fi * ft).sum(dim=-1).tolist())
-    return out
-
-
 def _clip_columns(clip: str, seed: int, pictures: list, texts: list[str]) -> tuple[dict, dict]:
     """Score every row whose picture decoded; returns ({column: [float|None]}, {column: provenance})."""
     n = len(texts)
-    columns = {c: [None] * n for c in ("clip_b32_similarity_score", "clip_l14_similarity_score")}
+    columns = {c: [None] * n for c in _ARCHS}
     if clip == "none":
         return columns, {c: "none" for c in columns}
-
-    import open_clip
-    import torch
+    from .clip import ClipScorer
 
     idx = [i for i, p in enumerate(pictures) if p is not None]
-    ims = [pictures[i] for i in idx]
-    txt = [texts[i] for i in idx]
     provenance = {}
-    for k, column in enumerate(columns):
-        if clip == "tiny":
-            arch, overrides = _TINY_MODELS[column]
-            with torch.random.fork_rng(devices=[]), _without_log_records("No pretrained weights loaded"):
-                torch.manual_seed(seed + k)
-                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **overrides)
-            provenance[column] = (
-                f"tiny random open_clip {arch} config with overrides {json.dumps(overrides, sort_keys=True)}, "
-                f"pretrained=None, torch seed {seed + k} \u2014 not meaningful"
-            )
-        else:
-            arch = _OPENAI_MODELS[column]
-            ckpt = _openai_checkpoint(arch)
-            if ckpt is None:
-                raise UserError(
-                    f"clip='openai' needs OpenAI's {arch} weights in a local cache (open_clip's hf-hub or "
-                    f"~/.cache/clip); none found, and this build does not download; use clip='tiny' or 'none'"
-                )
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                f"{arch}-quickgelu", pretrained=ckpt, weights_only=not ckpt.endswith(".pt"))
-            provenance[column] = f"open_clip {arch} (QuickGELU) with OpenAI weights from {ckpt}"
-        model.eval()
-        tokenizer = open_clip.get_tokenizer(arch)
-        for i, v in zip(idx, _cosines(model, preprocess, tokenizer, ims, txt)):
+    for k, (column, arch) in enumerate(_ARCHS.items()):
+        scorer = ClipScorer(arch, "tiny" if clip == "tiny" else "openai", seed=seed + k, batch_size=32)
+        provenance[column] = scorer.description
+        for i, v in zip(idx, scorer.score([pictures[i] for i in idx], [texts[i] for i in idx])):
             columns[column][i] = float(v)
-        del model
+        del scorer
     return columns, provenance
 
 
@@ -894,9 +789,9 @@ def build_toy_pool(out_dir, *, clip: str = "none", samples_per_shard: int = 40, 
     out_dir = Path(out_dir).expanduser().resolve()
     existed = _check_out_dir(out_dir)
     if clip == "openai":  # fail before any work when the weights are not there
-        import open_clip  # noqa: F401 - needed by _openai_checkpoint
+        from .clip import openai_checkpoint as _openai_checkpoint
 
-        for arch in _OPENAI_MODELS.values():
+        for arch in _ARCHS.values():
             if _openai_checkpoint(arch) is None:
                 raise UserError(
                     f"clip='openai' needs OpenAI's {arch} weights in a local cache (open_clip's hf-hub or "

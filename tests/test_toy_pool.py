@@ -266,7 +266,9 @@ def test_user_errors(tmp_path):
 
 def test_openai_needs_cached_weights(tmp_path):
     pytest.importorskip("open_clip")
-    if tp._openai_checkpoint("ViT-B-32") and tp._openai_checkpoint("ViT-L-14"):
+    from datacomp_sieve.clip import openai_checkpoint
+
+    if openai_checkpoint("ViT-B-32") and openai_checkpoint("ViT-L-14"):
         pytest.skip("OpenAI CLIP weights are cached here")
     with pytest.raises(UserError, match="cache"):
         tp.build_toy_pool(tmp_path / "p", clip="openai", progress=False)
