@@ -519,8 +519,41 @@ def build_captioner(
 ) -> Captioner:
     """The captioner registered as ``name``. ``weights``: a local file or URL replacing the
     registered download (BLIP only). ``precision`` defaults to fp32 (the reference's numerics)."""
-    try:
-        builder = CAPTIONERS[name]
-    except KeyError:
-        raise UserError(f"unknown captioner {name!r}; choose one of {', '.join(CAPTIONERS)}") from None
+    import os
+
+    builder = CAPTIONERS.get(name)
+    if builder is None:
+        if name.startswith(("http://", "https://")) or name.endswith((".pth", ".pt")) or os.path.isfile(name):
+            builder, weights = _build_blip_original("blip-base-14m"), name  # an original BLIP checkpoint
+        elif os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):
+            builder = _build_blip_hf(name)  # a transformers folder or hub id
+        else:
+            raise UserError(
+                f"unknown captioner {name!r}: give one of {', '.join(CAPTIONERS)}, a BLIP checkpoint file or URL, "
+                "a transformers BLIP folder, or a hub id such as Salesforce/blip-image-captioning-base"
+            )
     return builder(device=device, precision=precision, weights=weights, cache_dir=cache_dir, **options)
+
+
+def _build_blip_hf(source: str) -> Callable[..., Captioner]:
+    """A transformers ``BlipForConditionalGeneration`` from a local folder or the hub, by id."""
+
+    def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True):
+        _no_weights(source, weights)
+        from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+        try:
+            model = BlipForConditionalGeneration.from_pretrained(source, cache_dir=cache_dir)
+            tok = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load the BLIP captioner {source!r}: {first}") from None
+        return BlipCaptioner(
+            model, tok, name=source,
+            description=f"transformers BlipForConditionalGeneration {source}",
+            device=device, precision=precision or "fp32",
+            max_sequences_per_call=max_sequences_per_call,
+            weights_info={"source": source, "revision": getattr(model.config, "_commit_hash", None)},
+        )
+
+    return build

@@ -619,3 +619,30 @@ def test_label_captioner_on_real_photos(photos):
     buildings = {"palace", "monastery", "bell cote", "church", "castle", "stupa", "boathouse"}
     assert buildings & set(labels[1]), labels[1]
     assert cap.caption([photos["chelsea"]], 3) == [out[0][:3]]  # deterministic, ranked
+
+
+def test_transformers_folder_is_a_captioner(tmp_path):
+    """A saved transformers BLIP (folder or hub id) captions exactly like the same model in memory."""
+    from PIL import Image
+
+    from datacomp_sieve.caption import BlipCaptioner, build_captioner, build_tiny_blip
+
+    model, tok = build_tiny_blip(seed=3)
+    model.save_pretrained(tmp_path / "blip")
+    tok.save_pretrained(tmp_path / "blip")
+    loaded = build_captioner(str(tmp_path / "blip"))
+    direct = BlipCaptioner(model, tok)
+    img = [Image.new("RGB", (80, 60), (200, 30, 30))]
+    assert loaded.caption(img, 3, seed=7) == direct.caption(img, 3, seed=7)
+    assert "transformers" in loaded.description
+
+
+def test_unknown_captioner_is_a_user_error(monkeypatch):
+    from datacomp_sieve.caption import build_captioner
+    from datacomp_sieve.errors import UserError
+
+    with pytest.raises(UserError, match="unknown captioner"):
+        build_captioner("no-such-captioner")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load the BLIP captioner"):
+        build_captioner("nobody/not-a-model-xyz")
