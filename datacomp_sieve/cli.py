@@ -138,6 +138,15 @@ def _complete_store(args: argparse.Namespace, opts) -> None:
     score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress)
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+
+    if not 0.0 < args.fraction <= 1.0:
+        raise UserError(f"--fraction must be in (0, 1], got {args.fraction}")
+    demo(args.out, captioner=args.captioner, fraction=args.fraction, progress=not args.quiet)
+    return 0
+
+
 def run_toy_pool(args: argparse.Namespace) -> int:
     from .toy_pool import build_toy_pool
 
@@ -223,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_arguments(sc)
     sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=run_score)
+
+    d = sub.add_parser("demo", help="toy pool -> scores -> subset, and what was kept and dropped",
+                       description="The demo: builds the toy pool, scores it with Sieve, writes the uid subset "
+                                   "and shows what was kept and dropped. Uses BLIP/CLIP when their weights can be "
+                                   "loaded, else the offline label captioner (said plainly).")
+    d.add_argument("--out", default="demo_out", help="output folder (default demo_out; a previous demo there is replaced)")
+    d.add_argument("--captioner", default=None, help="force a captioner (e.g. label, tiny, blip-base-14m)")
+    d.add_argument("--fraction", type=float, default=0.2, help="fraction kept (default 0.2)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=run_demo)
 
     t = sub.add_parser("toy-pool", help="build a small real pool with DataComp's layout",
                        description="Build a toy pool: metadata parquet + img2dataset shards downloaded "

@@ -1,0 +1,263 @@
+"""Scoring: shards in, one score file per shard out.
+
+``ShardScorer`` is the unit of work: it loads the models once and turns one shard into one
+table of rows (a row for every sample, with a status). It knows nothing of the engine that
+runs it; ``score_pool`` is the in-process engine. Resume comes from the store: a shard whose
+file exists is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreConfig:
+    """Everything that changes the scores. Two runs with equal configs give equal stores."""
+
+    captioner: str = "blip-base-14m"
+    text_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    num_captions: int = 8
+    masking: str = "official"
+    clip_model: str | None = None
+    clip_pretrained: str = "openai"
+    device: str | None = None
+    precision: str | None = None
+    batch_size: int = 16
+    seed: int = 0
+    max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
+
+    def resolved(self) -> "ScoreConfig":
+        import torch
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but torch sees no GPU; use --device cpu")
+        precision = self.precision or ("fp16" if device.startswith("cuda") else "fp32")
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"--precision must be fp32, fp16 or bf16, got {precision}")
+        if device == "cpu" and precision == "fp16":
+            raise UserError("fp16 is for GPUs; on the CPU use --precision fp32 or bf16")
+        if self.num_captions < 1:
+            raise UserError(f"--num_captions must be at least 1, got {self.num_captions}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {self.batch_size}")
+        return ScoreConfig(**{**asdict(self), "device": device, "precision": precision})
+
+    def identity(self) -> dict:
+        """What the store checks before adding shards: every setting that changes the numbers.
+
+        The batch size is one: random draws are consumed per generate call.
+        """
+        return asdict(self)
+
+
+def shard_seed(seed: int, stem: str) -> int:
+    """A shard's own seed: results do not depend on which worker runs which shard, or when."""
+    h = hashlib.sha256(f"{seed}:{stem}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class ShardResult:
+    table: object
+    stats: dict = field(default_factory=dict)
+
+
+class ShardScorer:
+    """Models loaded once; ``score(shard)`` turns one shard into one table."""
+
+    def __init__(self, config: ScoreConfig):
+        from .caption import build_captioner
+        from .text import TextEncoder
+
+        self.config = config.resolved()
+        cfg = self.config
+        self.captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision)
+        self.text = TextEncoder(cfg.text_encoder, device=cfg.device)
+        self.clip = None
+        if cfg.clip_model:
+            from .clip import ClipScorer
+
+            self.clip = ClipScorer(cfg.clip_model, cfg.clip_pretrained, device=cfg.device)
+
+    def describe(self) -> dict:
+        out = {"captioner": getattr(self.captioner, "description", str(self.captioner)),
+               "text_encoder": getattr(self.text, "description", self.config.text_encoder)}
+        if self.clip is not None:
+            out["clip"] = self.clip.description
+        return out
+
+    def score(self, shard, progress=None) -> ShardResult:
+        import pyarrow as pa
+        import torch
+
+        from .shards import ImageError, decode_image, iter_samples
+        from .store import schema
+        from .text import sieve_scores
+
+        cfg = self.config
+        t0 = time.time()
+        gen = torch.Generator(device="cpu").manual_seed(shard_seed(cfg.seed, shard.stem))
+        rows = {k: [] for k in schema(self.clip is not None).names}
+        counts: dict = {}
+        timings = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
+        pending: list = []  # (row index, image, alt-text)
+
+        def flush():
+            if not pending:
+                return
+            idx, images, texts = zip(*pending)
+            t = time.time()
+            caps = self.captioner.caption(list(images), cfg.num_captions, generator=gen)
+            timings["caption"] += time.time() - t
+            t = time.time()
+            best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
+            timings["text"] += time.time() - t
+            if self.clip is not None:
+                t = time.time()
+                clip = self.clip.score(list(images), list(texts))
+                timings["clip"] += time.time() - t
+            for j, i in enumerate(idx):
+                rows["sieve_score"][i] = float(best[j])
+                rows["sieve_mean"][i] = float(mean[j])
+                rows["captions"][i] = list(caps[j])
+                rows["best_caption"][i] = caps[j][int(which[j])]
+                if self.clip is not None:
+                    rows["clip_score"][i] = float(clip[j])
+            if progress is not None:
+                progress.update(len(idx))
+            pending.clear()
+
+        t = time.time()
+        for sample in iter_samples(shard):
+            i = len(rows["uid"])
+            status, error = sample.status, sample.error
+            image = None
+            if status == "ok":
+                try:
+                    image = decode_image(sample.image, max_pixels=cfg.max_image_pixels)
+                except ImageError as e:
+                    status, error = e.code, str(e)
+            rows["uid"].append(sample.uid)
+            rows["key"].append(sample.key)
+            for k in ("sieve_score", "sieve_mean", "best_caption", "captions") + (("clip_score",) if self.clip else ()):
+                rows[k].append(None)
+            text = sample.text if sample.text is not None else ""
+            if status == "ok" and sample.uid is None:
+                status, error = "no_uid", "sample has no uid in its json"
+            rows["status"].append(status)
+            rows["error"].append(error)
+            counts[status] = counts.get(status, 0) + 1
+            if image is not None and status == "ok":
+                pending.append((i, image, text))
+                if len(pending) >= cfg.batch_size:
+                    timings["read"] += time.time() - t
+                    flush()
+                    t = time.time()
+            elif progress is not None:
+                progress.update(1)
+        timings["read"] += time.time() - t
+        flush()
+        table = pa.table(rows, schema=schema(self.clip is not None))
+        report = getattr(shard, "report", None)
+        stats = {
+            "shard": shard.stem,
+            "rows": table.num_rows,
+            "status": counts,
+            "seconds": round(time.time() - t0, 3),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if report is not None:
+            stats["tar"] = report if isinstance(report, dict) else asdict(report)
+        return ShardResult(table, stats)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("datacomp-sieve", "torch", "transformers", "sentence-transformers", "open_clip_torch",
+                "numpy", "pyarrow", "pillow"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def _expected_samples(shard) -> int | None:
+    stats = getattr(shard, "stats", None) or {}
+    n = stats.get("successes")
+    return int(n) if isinstance(n, int) else None
+
+
+def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwrite: bool = False,
+               progress: bool = True, scorer: "ShardScorer | None" = None) -> dict:
+    """Score every shard not yet in the store; returns the run manifest."""
+    from tqdm.auto import tqdm
+
+    from .shards import list_shards
+    from .store import ScoreStore
+
+    shards = list_shards(shards_dir)
+    store = ScoreStore(scores_dir)
+    cfg = config.resolved()
+    old = store.config()
+    if old is not None and old.get("config") != cfg.identity() and not overwrite:
+        store.open_for({"config": cfg.identity()}, overwrite=False)  # raises with the differing keys
+    t0 = time.time()
+    scorer = scorer or ShardScorer(cfg)
+    load_s = time.time() - t0
+    identity = {"config": cfg.identity(), "models": scorer.describe()}
+    store.open_for(identity, overwrite=overwrite)
+    todo = store.missing([s.stem for s in shards])
+    by_stem = {s.stem: s for s in shards}
+    skipped = len(shards) - len(todo)
+    if skipped:
+        log.info("resuming: %d of %d shards are already scored in %s", skipped, len(shards), scores_dir)
+    for line in scorer.describe().values():
+        log.info("%s", line)
+    expected = [_expected_samples(by_stem[s]) for s in todo]
+    total = sum(e for e in expected if e is not None) if all(e is not None for e in expected) else None
+    t1 = time.time()
+    bar = tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True)
+    for stem in todo:
+        result = scorer.score(by_stem[stem], progress=bar)
+        store.write_shard(stem, result.table, result.stats)
+    bar.close()
+    manifest = build_manifest(store, [s.stem for s in shards], identity)
+    manifest["run"] = {"shards_scored": len(todo), "shards_skipped": skipped, "model_load_seconds": round(load_s, 3),
+                       "scoring_seconds": round(time.time() - t1, 3), **environment()}
+    store.write_manifest(manifest)
+    return manifest
+
+
+def build_manifest(store, stems: list[str], identity: dict) -> dict:
+    """Counts and timings of the whole store, from each shard file's own statistics."""
+    counts: dict = {}
+    rows = 0
+    timings: dict = {}
+    tar: dict = {}
+    for stem in stems:
+        st = store.shard_stats(stem)
+        rows += st.get("rows", 0)
+        for k, v in st.get("status", {}).items():
+            counts[k] = counts.get(k, 0) + v
+        for k, v in st.get("timings", {}).items():
+            timings[k] = round(timings.get(k, 0.0) + v, 3)
+        for k, v in (st.get("tar") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                tar[k] = tar.get(k, 0) + v
+    return {"store": store.url, "shards": len(stems), "rows": rows, "status": counts, "timings": timings,
+            "tar": tar, **identity}
