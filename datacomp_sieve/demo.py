@@ -42,6 +42,7 @@ def choose_models() -> tuple[str, str, list[str]]:
         notes.append("captioner: BLIP ViT-B/16 pretrained on 14M pairs (the paper's)")
     else:
         captioner = "label"
+        os.environ["HF_HUB_OFFLINE"] = "1"  # no network: load bundled weights at once, no hub retries
         notes.append("captioner: BLIP weights cannot be loaded here (no cache, no network), so the OFFLINE "
                      "STAND-IN is used: an ImageNet classifier writing 'a photo of a {label}'; scores show "
                      "the pipeline, not BLIP's quality")
