@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .errors import UserError
@@ -37,6 +37,38 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 def hub_offline() -> bool:
     """True when the environment forbids hub access (huggingface_hub's own truthy spellings)."""
     return any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_reachable: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens (once per process and endpoint).
+
+    huggingface_hub retries a dead connection for over a minute per file before giving up; this
+    probe lets a machine without internet go straight to a local copy. Behind a proxy the probe
+    cannot tell, so it answers True and the load itself decides. Never called when offline.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = _endpoint()
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    if endpoint not in _reachable:
+        url = urlsplit(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+            _reachable[endpoint] = True
+        except OSError:
+            _reachable[endpoint] = False
+    return _reachable[endpoint]
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +88,6 @@ class ModelEntry:
     bundled: Callable[[], str | None] | None = None
     bundled_by: str | None = None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     def names(self) -> tuple[str, ...]:
         return (self.hub_id,) + self.aliases
@@ -161,8 +192,10 @@ def resolve_text_encoder(name_or_path: str | None = None) -> Resolved:
 
     Offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set) a hub id resolves, without a network
     call, to the local hub cache's snapshot, else to a bundled copy (logged as a warning), else a
-    ``UserError``. Online the hub id is returned; ``load_text_encoder`` falls back to the bundled
-    copy if loading it fails for lack of a connection.
+    ``UserError``. Otherwise the hub is probed once (``hub_reachable``: a TCP connect, 3 s); when
+    it cannot be reached the same local choices apply. When it can, the hub id is returned, and
+    ``load_text_encoder`` still falls back to the bundled copy if the load fails for lack of a
+    connection.
     """
     name = (name_or_path or DEFAULT_TEXT_ENCODER).strip()
     expanded = os.path.expanduser(name)
@@ -175,35 +208,41 @@ def resolve_text_encoder(name_or_path: str | None = None) -> Resolved:
     hub_id = entry.hub_id if entry else name
     if "/" not in hub_id:
         hub_id = f"sentence-transformers/{hub_id}"  # as sentence-transformers itself resolves short names
-    if not hub_offline():
+    if hub_offline():
+        reason = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable():
+        reason = f"the hub ({_endpoint()}) cannot be reached"
+    else:
         return Resolved(hub_id, f"{hub_id} (Hugging Face hub)", None, entry)
     cached = _hub_cached_snapshot(hub_id)
     if cached is not None:
-        return Resolved(cached, f"{hub_id} (Hugging Face hub)", f"hub offline: {hub_id} from the local cache {cached}",
+        return Resolved(cached, f"{hub_id} (Hugging Face hub)", f"{reason}: {hub_id} from the local cache {cached}",
                         entry)
-    fallback = _bundled(entry, "HF_HUB_OFFLINE is set and the hub cache has no copy") if entry else None
+    fallback = _bundled(entry, f"{reason} and the hub cache has no copy") if entry else None
     if fallback is not None:
         log.warning("%s", fallback.note)
         return fallback
-    raise UserError(f"text encoder {hub_id!r} is not in the local hub cache and the hub is offline (HF_HUB_OFFLINE); "
+    raise UserError(f"text encoder {hub_id!r} is not in the local hub cache and {reason}; "
                     "pass --text_encoder PATH to a local sentence-transformers folder")
 
 
-def _is_connectivity_error(exc: BaseException) -> bool:
-    """An error that means "the hub could not be reached" (not "the model is broken")."""
+_CONNECTIVITY_CLASSES = {
+    "ConnectionError", "ConnectError", "ConnectTimeout", "TimeoutException", "Timeout", "ReadTimeout",
+    "NetworkError", "TransportError", "NewConnectionError", "MaxRetryError", "gaierror",
+    "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+}
+
+
+def _is_connectivity_error(exc: BaseException | None) -> bool:
+    """An error that means "the hub could not be reached" (not "the model is broken" or "no such
+    repository"): judged on the exception and its causes (transformers wraps huggingface_hub's
+    LocalEntryNotFoundError, which wraps httpx's ConnectError, which wraps socket.gaierror)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        mod = type(exc).__module__ or ""
-        text = str(exc).lower()
-        if isinstance(exc, (ConnectionError, TimeoutError)) or mod.split(".")[0] in ("httpx", "httpcore", "requests",
-                                                                                     "urllib3", "socket"):
+        if isinstance(exc, (ConnectionError, TimeoutError)):
             return True
-        if type(exc).__name__ in ("OfflineModeIsEnabled", "LocalEntryNotFoundError"):
-            return True
-        if isinstance(exc, OSError) and any(k in text for k in ("connect", "offline", "timed out", "timeout",
-                                                                "network", "cannot find the requested files",
-                                                                "name resolution", "couldn't reach")):
+        if any(c.__name__ in _CONNECTIVITY_CLASSES for c in type(exc).__mro__):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -224,16 +263,19 @@ def load_text_encoder(name_or_path: str | None = None, device: str = "cpu"):
     try:
         return _load_sentence_transformer(res.source, device), res
     except Exception as e:
-        if os.path.isdir(res.source) or not _is_connectivity_error(e):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not os.path.isdir(res.source) and _is_connectivity_error(e):
+            fallback = _bundled(res.entry, f"cannot reach the hub for {res.source} ({type(e).__name__})") \
+                if res.entry else None
+            if fallback is None:
+                raise UserError(f"cannot reach the hub for the text encoder {res.source!r} ({first}) and no local "
+                                "copy is known; pass --text_encoder PATH to a local sentence-transformers folder") \
+                    from None
+            log.warning("%s", fallback.note)
+            return _load_sentence_transformer(fallback.source, device), fallback
+        if isinstance(e, (OSError, ValueError)):  # no such repository, not a model folder, bad config
             raise UserError(f"cannot load the text encoder {res.source!r}: {first}") from None
-        fallback = _bundled(res.entry, f"cannot reach the hub for {res.source} ({type(e).__name__})") \
-            if res.entry else None
-        if fallback is None:
-            raise UserError(f"cannot reach the hub for the text encoder {res.source!r} and no local copy is known; "
-                            "pass --text_encoder PATH to a local sentence-transformers folder") from None
-        log.warning("%s", fallback.note)
-        return _load_sentence_transformer(fallback.source, device), fallback
+        raise
 
 
 #: One resolver per model kind; other kinds (captioner, clip) go here too.

@@ -26,8 +26,16 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def enc():
+    """Loaded once, offline, with every outgoing connection refused: the load makes no network call."""
+    import socket
+
+    def refuse(self, *args):
+        raise AssertionError(f"network call to {args} while loading the text encoder offline")
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket.socket, "connect_ex", refuse)
         return TextEncoder(device="cpu", batch_size=256)
 
 
@@ -110,9 +118,15 @@ def test_local_folder_is_used_as_is(monkeypatch):
         resolve_text_encoder("./no/such/folder")
 
 
+def test_a_folder_without_a_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot load the text encoder"):
+        load_text_encoder(str(tmp_path))
+
+
 def test_online_returns_the_hub_id_and_falls_back_on_connection_errors(monkeypatch, caplog):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
     assert not models.hub_offline()
     assert tuple(resolve_text_encoder(None)) == (DEFAULT_TEXT_ENCODER, f"{DEFAULT_TEXT_ENCODER} (Hugging Face hub)")
     assert resolve_text_encoder("paraphrase-multilingual-MiniLM-L12-v2").source == \
@@ -136,6 +150,57 @@ def test_online_returns_the_hub_id_and_falls_back_on_connection_errors(monkeypat
     monkeypatch.setattr(models, "_load_sentence_transformer", broken)
     with pytest.raises(UserError, match="cannot load the text encoder"):
         load_text_encoder(None)
+
+
+def test_unreachable_hub_goes_straight_to_local_copies(monkeypatch, caplog):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_hub_cached_snapshot", lambda repo_id: None)
+    with caplog.at_level(logging.WARNING, logger="datacomp_sieve.models"):
+        res = resolve_text_encoder(None)
+    assert res.source == BUNDLED and "cannot be reached" in res.note
+    assert any("cannot be reached" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="cannot be reached"):
+        resolve_text_encoder("someone/some-encoder")
+
+
+def test_hub_probe_makes_no_call_behind_a_proxy_and_caches(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed through a proxy"))
+    assert models.hub_reachable()
+    for v in models._PROXY_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid:8443")
+    monkeypatch.setattr(models, "_reachable", {})
+    seen = []
+
+    def refuse(addr, timeout=None):
+        seen.append((addr, timeout))
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert not models.hub_reachable() and not models.hub_reachable()
+    assert seen == [(("hub.example.invalid", 8443), 3.0)]
+
+
+def test_connectivity_errors_are_told_apart():
+    import socket
+
+    def chain(outer, *inner):
+        for e in inner:
+            outer.__cause__ = e
+            outer = e
+        return outer
+
+    top = OSError("We couldn't connect to 'https://huggingface.co'")
+    chain(top, FileNotFoundError("x"), socket.gaierror(-2, "Name or service not known"))
+    assert models._is_connectivity_error(top)
+    assert models._is_connectivity_error(TimeoutError())
+    assert not models._is_connectivity_error(OSError("sentence-transformers/nope is not a valid model identifier"))
+    assert not models._is_connectivity_error(ValueError("bad config"))
 
 
 def test_unknown_kind_and_precision():
