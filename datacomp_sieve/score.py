@@ -219,7 +219,10 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     t0 = time.time()
     scorer = scorer or ShardScorer(cfg)
     load_s = time.time() - t0
-    identity = {"config": cfg.identity(), "models": scorer.describe()}
+    # The captioner's description names its weights (and their sha256); the text encoder's says
+    # where the same weights came from (hub or bundled copy), so it goes to the manifest only.
+    models = scorer.describe()
+    identity = {"config": cfg.identity(), "captioner": models["captioner"]}
     store.open_for(identity, overwrite=overwrite)
     todo = store.missing([s.stem for s in shards])
     by_stem = {s.stem: s for s in shards}
@@ -236,7 +239,7 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
         result = scorer.score(by_stem[stem], progress=bar)
         store.write_shard(stem, result.table, result.stats)
     bar.close()
-    manifest = build_manifest(store, [s.stem for s in shards], identity)
+    manifest = build_manifest(store, [s.stem for s in shards], {**identity, "models": models})
     manifest["run"] = {"shards_scored": len(todo), "shards_skipped": skipped, "model_load_seconds": round(load_s, 3),
                        "scoring_seconds": round(time.time() - t1, 3), **environment()}
     store.write_manifest(manifest)
