@@ -170,14 +170,14 @@ def iter_samples(shard: Shard) -> Iterator[Sample]:
                         report.stray += 1
                         continue
                     k, ext = _split(member.name)
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is cut short")
                     if k != key:
                         if key is not None:
                             yield _finish(key, parts, report)
                         key, parts = k, {}
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
                     if ext in parts:
                         report.stray += 1  # a repeated member: the first one counts
                     else:
@@ -185,8 +185,12 @@ def iter_samples(shard: Shard) -> Iterator[Sample]:
     except (tarfile.ReadError, EOFError, OSError) as e:
         report.truncated = True
         report.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        whole = key is not None and "json" in parts and "txt" in parts and any(e in parts for e in IMAGE_EXTS)
+        if whole:
+            yield _finish(key, parts, report)  # every member img2dataset writes is there
+            key = None
         if key is not None:
-            # the last sample may have lost members to the break: report it, never silently
+            # the last sample lost members to the break: report it, never silently
             report.status["truncated"] = report.status.get("truncated", 0) + 1
             report.samples += 1
             yield Sample(key=key, uid=_uid_of(parts), status="truncated",
