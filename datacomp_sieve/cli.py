@@ -138,6 +138,13 @@ def _complete_store(args: argparse.Namespace, opts) -> None:
     score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress)
 
 
+def run_explain(args: argparse.Namespace) -> int:
+    from .explain import explain, print_explanation
+
+    print_explanation(explain(args.image, args.text, _score_config(args)), args.json)
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
@@ -233,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=run_score)
 
+    e = sub.add_parser("explain", help="caption one image and score alt-texts against it",
+                       description="Caption an image once and score every --text against those captions: "
+                                   "captions, masked texts, each caption's similarity, the Sieve score, and "
+                                   "CLIPScore when a CLIP model is given.")
+    e.add_argument("--image", required=True, help="an image file")
+    e.add_argument("--text", action="append", required=True, help="an alt-text (repeat for several)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_score_arguments(e, with_batch=False)
+    e.set_defaults(func=run_explain, batch_size=1)
+
     d = sub.add_parser("demo", help="toy pool -> scores -> subset, and what was kept and dropped",
                        description="The demo: builds the toy pool, scores it with Sieve, writes the uid subset "
                                    "and shows what was kept and dropped. Uses BLIP/CLIP when their weights can be "
@@ -297,3 +314,7 @@ def baselines_main(argv: list[str] | None = None) -> int:
     add_filter_arguments(parser)
     parser.set_defaults(func=run_filter)
     return _run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
