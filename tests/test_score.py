@@ -134,3 +134,36 @@ def test_score_cli_then_sieve_selection(toy_pool, store, tmp_path):
     assert baselines_main(["--name", "sieve_clip", "--metadata_dir", str(toy_pool / "metadata"), "--scores_dir",
                            str(store), "--save_path", str(out2), "--quiet"]) == 0
     assert 0 < len(np.load(out2)) <= n
+
+
+def test_clip_scores_in_the_store_and_fusion_from_it(toy_pool, tmp_path):
+    store = tmp_path / "with_clip"
+    score_pool(str(toy_pool / "shards"), str(store),
+               label_config(clip_model="ViT-B-32", clip_pretrained="tiny", num_captions=2), progress=False)
+    rows = read(store)
+    assert all(r["clip_score"] is not None and -1 <= r["clip_score"] <= 1 for r in rows)
+    m = json.loads((store / "manifest.json").read_text())
+    assert "not meaningful" in m["models"]["clip"]
+    from datacomp_sieve.cli import baselines_main
+
+    out = tmp_path / "o.npy"
+    assert baselines_main(["--name", "sieve_clip", "--clip_from", "store", "--scores_dir", str(store),
+                           "--save_path", str(out), "--quiet"]) == 0
+    sys.path.insert(0, str(ROOT))
+    from baselines import in_memory
+
+    in_memory.fused(str(store), ["sieve_score", "clip_score"], [0.5, 0.5], str(tmp_path / "ref.npy"), 0.2)
+    assert out.read_bytes() == (tmp_path / "ref.npy").read_bytes()
+
+
+def test_baselines_scores_first_when_the_store_is_incomplete(toy_pool, tmp_path):
+    """--shards_dir: a missing store is scored (with the given settings) before selecting."""
+    code = [sys.executable, str(ROOT / "baselines.py"), "--name", "sieve", "--shards_dir", str(toy_pool / "shards"),
+            "--scores_dir", str(tmp_path / "store"), "--captioner", "label", "--device", "cpu",
+            "--num_captions", "2", "--save_path", str(tmp_path / "o.npy"), "--quiet"]
+    r = subprocess.run(code, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "3 shard(s) to score" in r.stderr
+    assert len(list((tmp_path / "store").glob("*.parquet"))) == 3 and (tmp_path / "o.npy").exists()
+    r = subprocess.run(code, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and "to score" not in r.stderr  # complete: straight to selection
