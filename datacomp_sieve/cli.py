@@ -101,6 +101,8 @@ def run_filter(args: argparse.Namespace) -> int:
         raise UserError("--alpha is the CLIPScore weight of sieve_clip; it does nothing for " + args.name)
     if args.save_path.endswith(os.sep) or os.path.isdir(args.save_path):
         raise UserError(f"--save_path {args.save_path} is a folder; give a file name such as subset.npy")
+    if args.name == "sieve_clip" and opts.clip_from == "metadata" and not opts.weights and opts.metadata_dir:
+        _clip_from_store_when_metadata_lacks_it(args, opts)
     if FILTERS[args.name].needs_scores and args.shards_dir:
         _complete_store(args, opts)
     t0 = time.time()
@@ -114,6 +116,20 @@ def run_filter(args: argparse.Namespace) -> int:
     log.info("kept %d of %d scored samples (%.2f%%)%s", written, sel.scored, pct, thr)
     log.info("wrote %s (%d uids, sorted u8,u8) in %.1fs", path, written, time.time() - t0)
     return 0
+
+
+def _clip_from_store_when_metadata_lacks_it(args: argparse.Namespace, opts) -> None:
+    """A pool whose metadata has no CLIPScore: compute it while scoring, and fuse the store's."""
+    from .metadata import CLIP_COLUMNS, ParquetFolder
+
+    column = CLIP_COLUMNS[args.arch]
+    if ParquetFolder.open(opts.metadata_dir, "metadata folder").has_values(column):
+        return
+    opts.clip_from = "store"
+    if args.clip_model is None:
+        args.clip_model = {"l14": "ViT-L-14", "b32": "ViT-B-32"}[args.arch]
+    log.warning("the metadata has no %s values: CLIPScore comes from the score store's clip_score "
+                "(computed with %s %s when scoring)", column, args.clip_model, args.clip_pretrained)
 
 
 def _complete_store(args: argparse.Namespace, opts) -> None:

@@ -73,6 +73,20 @@ class ParquetFolder:
                 msg = f"{p} has no column {', '.join(missing)}"
                 raise UserError(f"{msg}; {hint}" if hint else msg)
 
+    def has_values(self, column: str) -> bool:
+        """Whether any row has a non-null value in ``column`` (read from the footers when possible)."""
+        for p in self.paths:
+            f = self._file(p)
+            if column not in f.schema_arrow.names:
+                continue
+            idx = f.schema_arrow.names.index(column)
+            for g in range(f.metadata.num_row_groups):
+                rg = f.metadata.row_group(g)
+                st = rg.column(idx).statistics
+                if st is None or not st.has_null_count or st.null_count < rg.num_rows:
+                    return True
+        return False
+
     def batches(self, columns: Sequence[str], batch_rows: int = 1 << 20) -> Iterator:
         """Yield pyarrow RecordBatches of the given columns over all files, in file order."""
         for p in self.paths:

@@ -167,3 +167,39 @@ def test_baselines_scores_first_when_the_store_is_incomplete(toy_pool, tmp_path)
     assert len(list((tmp_path / "store").glob("*.parquet"))) == 3 and (tmp_path / "o.npy").exists()
     r = subprocess.run(code, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0 and "to score" not in r.stderr  # complete: straight to selection
+
+
+def test_sieve_clip_computes_clip_when_the_metadata_lacks_it(toy_pool_noclip, tmp_path):
+    code = [sys.executable, str(ROOT / "baselines.py"), "--name", "sieve_clip", "--shards_dir",
+            str(toy_pool_noclip / "shards"), "--metadata_dir", str(toy_pool_noclip / "metadata"),
+            "--scores_dir", str(tmp_path / "store"), "--captioner", "label", "--device", "cpu", "--num_captions", "2",
+            "--clip_pretrained", "tiny", "--save_path", str(tmp_path / "o.npy"), "--quiet"]
+    r = subprocess.run(code, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "the metadata has no clip_l14_similarity_score values" in r.stderr
+    assert all(row["clip_score"] is not None for row in read(tmp_path / "store"))
+    assert len(np.load(tmp_path / "o.npy")) > 0
+
+
+def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
+    cfg = ScoreConfig(captioner="tiny", device="cpu", num_captions=3, batch_size=16)
+    a = score_pool(str(toy_pool / "shards"), str(tmp_path / "a"), cfg, progress=False)
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "b"), cfg, progress=False)
+    assert a["status"] == {"ok": a["rows"]}
+    for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "b").glob("*.parquet"))):
+        assert pq.read_table(x).equals(pq.read_table(y))
+    rows = read(tmp_path / "a")
+    assert all(len(r["captions"]) == 3 for r in rows)
+    # another seed samples other captions
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "c"), ScoreConfig(**{**cfg.__dict__, "seed": 1}), progress=False)
+    assert [r["captions"] for r in read(tmp_path / "c")] != [r["captions"] for r in rows]
+
+
+def test_overwrite_replaces_a_store_made_with_other_settings(toy_pool, store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    m = score_pool(str(toy_pool / "shards"), str(copy), label_config(num_captions=2), overwrite=True, progress=False)
+    assert m["config"]["num_captions"] == 2 and m["run"]["shards_skipped"] == 0
+    assert all(len(r["captions"]) == 2 for r in read(copy))
