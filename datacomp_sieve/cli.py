@@ -170,6 +170,21 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pool_info(args: argparse.Namespace) -> int:
+    from .shards import coverage
+
+    c = coverage(args.metadata_dir, args.shards_dir)
+    pct = 100.0 * c["metadata_without_sample"] / c["metadata_rows"] if c["metadata_rows"] else 0.0
+    print(f"metadata rows:            {c['metadata_rows']}")
+    print(f"downloaded samples:       {c['downloaded']}")
+    print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; failed downloads, normal)")
+    print(f"samples without metadata: {c['samples_without_metadata']}"
+          + ("" if not c["samples_without_metadata"] else "  <- not from this metadata: check the folders"))
+    if c["truncated_shards"]:
+        print(f"truncated shards:         {', '.join(c['truncated_shards'])}")
+    return 0
+
+
 def run_toy_pool(args: argparse.Namespace) -> int:
     from .toy_pool import build_toy_pool
 
@@ -275,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fraction", type=float, default=0.2, help="fraction kept (default 0.2)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=run_demo)
+
+    c = sub.add_parser("pool-info", help="how a pool's metadata and downloaded shards match up",
+                       description="Count metadata rows, downloaded samples, and what is missing on either side "
+                                   "(metadata rows without a sample are failed downloads: normal).")
+    c.add_argument("--metadata_dir", required=True)
+    c.add_argument("--shards_dir", required=True)
+    c.set_defaults(func=run_pool_info)
 
     t = sub.add_parser("toy-pool", help="build a small real pool with DataComp's layout",
                        description="Build a toy pool: metadata parquet + img2dataset shards downloaded "

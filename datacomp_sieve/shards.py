@@ -264,3 +264,38 @@ def shard_uids(shard: Shard) -> dict | None:
     except Exception:  # a missing column or a broken file: no fast path
         return None
     return dict(zip(t["uid"], t["status"]))
+
+
+def coverage(metadata_dir: str, shards_dir: str) -> dict:
+    """How the metadata and the downloaded shards match up, by uid.
+
+    Metadata rows without a downloaded sample are normal (failed downloads, typically 6-15%);
+    downloaded samples without a metadata row are not. Uids are held as 16-byte keys, so a
+    128M-row pool needs about 2 GB here.
+    """
+    import numpy as np
+
+    from .metadata import ParquetFolder
+    from .uids import keys_from_arrow, keys_from_strings
+
+    meta = ParquetFolder.open(metadata_dir, "metadata folder")
+    meta.require(["uid"])
+    mkeys = np.concatenate([keys_from_arrow(b.column(0).drop_null(), meta.what) for b in meta.batches(["uid"])])
+    skeys, from_tars, truncated = [], 0, []
+    for shard in list_shards(shards_dir):
+        statuses = shard_uids(shard)
+        if statuses is not None:
+            uids = [u for u, st in statuses.items() if st == "success" and u]
+        else:  # no img2dataset parquet beside the tar: read the tar itself
+            from_tars += 1
+            uids = [s.uid for s in iter_samples(shard) if s.uid]
+            if shard.report.truncated:
+                truncated.append(shard.stem)
+        skeys.append(keys_from_strings(uids, shard.url))
+    skeys = np.concatenate(skeys) if skeys else np.empty(0, mkeys.dtype)
+    mkeys, skeys = np.unique(mkeys), np.unique(skeys)
+    both = np.intersect1d(mkeys, skeys, assume_unique=True)
+    return {"metadata_rows": int(len(mkeys)), "downloaded": int(len(skeys)), "matched": int(len(both)),
+            "metadata_without_sample": int(len(mkeys) - len(both)),
+            "samples_without_metadata": int(len(skeys) - len(both)),
+            "shards_read_from_tar": from_tars, "truncated_shards": truncated}

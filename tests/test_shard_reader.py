@@ -187,3 +187,20 @@ def test_scorer_gives_every_broken_sample_a_row(tmp_path):
     assert rows["000000005"]["status"] == "no_uid" and rows["000000005"]["uid"] is None
     assert rows["000000006"]["status"] == "ok" and rows["000000007"]["status"] == "ok"
     assert m["tar"]["members"] == 23
+
+
+def test_coverage_counts_both_sides(toy_pool, tmp_path):
+    import shutil
+
+    from datacomp_sieve.shards import coverage
+
+    c = coverage(str(toy_pool / "metadata"), str(toy_pool / "shards"))
+    assert (c["metadata_rows"], c["downloaded"], c["metadata_without_sample"], c["samples_without_metadata"]) == (84, 78, 6, 0)
+    # without the img2dataset parquet, the tars are read; a foreign shard shows up as unmatched
+    shards = tmp_path / "shards"
+    shutil.copytree(toy_pool / "shards", shards)
+    for p in shards.glob("*.parquet"):
+        p.unlink()
+    write_tar(shards / "00000009.tar", [sample("000000000", uid="9" * 32)])
+    c = coverage(str(toy_pool / "metadata"), str(shards))
+    assert c["shards_read_from_tar"] == 4 and c["samples_without_metadata"] == 1 and c["matched"] == 78
