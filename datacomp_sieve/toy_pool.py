@@ -473,8 +473,9 @@ def _served_bodies(rows: list[_Row]) -> dict[str, tuple[int, str, bytes]]:
     return routes
 
 
-def _image_header_size(body: bytes):
-    """(width, height) from the image header, or None when the bytes are not an image."""
+def _open_image(body: bytes, full: bool):
+    """The header size (full=False) or the complete RGB picture (full=True); None when the bytes
+    are not an image (or, for full, do not decode into a whole one)."""
     from PIL import Image
 
     if not body:
@@ -483,24 +484,11 @@ def _image_header_size(body: bytes):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(body)) as im:
-                return im.size
-    except Exception:  # PIL raises several kinds for non-images
-        return None
-
-
-def _decode_full(body: bytes):
-    """The complete RGB picture, or None when the bytes do not decode into a whole image."""
-    from PIL import Image
-
-    if not body:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body)) as im:
+                if not full:
+                    return im.size
                 im.load()
                 return im.convert("RGB")
-    except Exception:  # truncated, not an image, ...
+    except Exception:  # PIL raises several kinds for non-images and truncated files
         return None
 
 
@@ -814,8 +802,8 @@ def build_toy_pool(out_dir, *, clip: str = "none", samples_per_shard: int = 40, 
         for status, _, body in bodies:
             ok = status == 200 and body is not None
             shas.append(hashlib.sha256(body).hexdigest() if ok else None)
-            sizes.append(_image_header_size(body) if ok else None)
-            pictures.append(_decode_full(body) if ok else None)
+            sizes.append(_open_image(body, full=False) if ok else None)
+            pictures.append(_open_image(body, full=True) if ok else None)
 
         say(f"CLIP columns: {clip}")
         clip_cols, clip_provenance = _clip_columns(clip, seed, pictures, [r.text for r in rows])
