@@ -223,7 +223,7 @@ def test_tiny_clip_scores_are_reproducible_computations(toy_pool, manifest):
     rows = tp._plan_rows()
     routes = tp._served_bodies(rows)
     pick = [i for i, r in enumerate(rows) if r.serve == "photo"][:6]
-    pictures = [tp._decode_full(routes[rows[i].url][2]) for i in pick]
+    pictures = [tp._open_image(routes[rows[i].url][2], full=True) for i in pick]
     cols, _ = tp._clip_columns("tiny", manifest["clip"]["seed"], pictures, [rows[i].text for i in pick])
     _, table = metadata(toy_pool)
     for col in (B32, L14):
