@@ -36,18 +36,18 @@ class ParquetFolder:
         except (ImportError, ValueError) as e:
             raise UserError(f"cannot open {what} {url}: {e}") from None
         if not fs.exists(root):
-            raise UserError(f"{what} {url} does not exist")
+            raise UserError(f"{what} {url} does not exist; check the path")
         if not fs.isdir(root):
             raise UserError(f"{what} {url} is not a folder")
         entries = fs.ls(root, detail=False)
         if not entries:
-            raise UserError(f"{what} {url} is empty")
+            raise UserError(f"{what} {url} is empty; point it at the folder that holds the .parquet files")
         paths = sorted(
             str(p) for p in entries
             if str(p).endswith(".parquet") and not str(p).rsplit("/", 1)[-1].startswith((".", "_"))
         )
         if not paths:
-            raise UserError(f"{what} {url} has no .parquet files")
+            raise UserError(f"{what} {url} has no .parquet files; point it at the folder that holds them")
         return cls(url=url, fs=fs, paths=paths, what=what)
 
     def _file(self, path: str):
