@@ -1,301 +1,641 @@
 """Reading a pool's downloaded shards: img2dataset's webdataset tars, surviving broken ones.
 
-A shards folder (local path or fsspec URL) holds ``{:08d}.tar`` with ``{:08d}_stats.json`` and
-``{:08d}.parquet`` beside each. A tar holds ``KEY.jpg``, ``KEY.txt`` and ``KEY.json`` per
-sample. Samples are streamed with the standard library's tarfile; a tar cut short by a killed
-download yields every sample before the break and reports the shard as truncated. Every tar
-member is accounted for: in a sample, or counted as stray.
+A shards folder (local path or any fsspec URL) holds ``{:08d}.tar`` with ``{:08d}_stats.json``
+and ``{:08d}.parquet`` beside each (SPEC.md section 2). A tar holds ``KEY.jpg``, ``KEY.json``
+and ``KEY.txt`` per sample (webdataset writes a sample's members together, extensions sorted).
+One shard is one unit of work for the scorer, which writes one score file per shard.
+
+- ``list_shards(dir)``: the shards, sorted by number, each with its ``_stats.json`` when present.
+- ``iter_samples(shard)``: streams the tar with the standard library's ``tarfile`` (one member
+  in memory at a time) and groups members by key, webdataset's way: the key is the member's path
+  up to the first dot of its file name. Each ``Sample`` carries a ``status`` ("ok" or a problem
+  code) and a human ``error``; while iterating, ``shard.report`` (a ``ShardReport``) counts
+  members, samples, strays and statuses, and says whether the tar was cut short.
+- ``decode_image(bytes)``: an RGB PIL image, or an ``ImageError`` whose ``code`` is a status.
+- ``shard_uids(shard)``: uid -> img2dataset status from the parquet beside the tar (fast path).
+- ``coverage(metadata_dir, shards_dir)`` / ``compare_uids(...)``: metadata rows vs downloads.
+
+Sample statuses (``Sample.status``), first problem wins, ``error`` lists every problem found:
+
+    ok            usable (a non-UTF-8 alt-text is decoded with U+FFFD replacements and the
+                  sample stays "ok"; ``error`` says so)
+    truncated     the tar broke inside this sample (see below)
+    no_image      no image member (jpg, jpeg, png, webp, ...)
+    empty_image   the image member has 0 bytes
+    bad_json      the .json member is not a JSON object
+    no_uid        no .json member at all, or a json without a "uid" (``error`` says which)
+    bad_uid       the json's uid is not 32 hexadecimal characters (``uid`` is then None, so
+                  nothing downstream parses it; the raw value is in ``error``)
+    no_text       no .txt member
+
+Broken tars (a killed download: "unexpected end of data"). Every complete sample before the
+break is yielded, the shard's report says ``truncated`` with the reason, and reading stops
+cleanly. The sample the break cut is never yielded half-formed as "ok": it is yielded once with
+status "truncated" (its intact fields filled in, so its uid can be logged), and counted. A
+break inside a member's data always truncates that member's sample; a break at a member
+boundary keeps the last sample as complete only when it has img2dataset's three members
+(image, json, txt). A tar that ends without its end-of-archive marker, that ends inside a
+header, or that has a corrupt header, is reported the same way, as is one with fewer samples
+than its ``_stats.json`` "successes". A zero-byte tar is an empty truncated shard. Errors of
+the filesystem itself (``OSError``: a vanished file, a network failure) are raised, not taken
+for truncation, so that an engine retries the shard instead of storing a partial result.
+
+Accounting: every tar member read is either in a sample (``in_samples``: a member that filled
+a sample's image, json or txt, or the member the break cut) or ``stray`` (not a regular file,
+an extension the reader does not use, or a repeat of one its sample already has):
+``members == in_samples + stray`` always.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_NAME = re.compile(r"^(\d+)\.tar$")
+UID_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+# img2dataset writes these three per sample; a group that has them survives a break after it.
+_COMPLETE = ("json", "txt")
+# The first problem in this order is the sample's status.
+STATUS_ORDER = ("truncated", "no_image", "empty_image", "bad_json", "no_uid", "bad_uid", "no_text")
+#: PIL's own default for ``Image.MAX_IMAGE_PIXELS`` (about 9459 x 9459 pixels).
+MAX_IMAGE_PIXELS = 89_478_485
+_STRAY_EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------------------------
+# data types
 
 
 @dataclass
 class ShardReport:
-    """What reading one tar found; filled while iterating."""
+    """What reading one tar found; filled while ``iter_samples`` runs, complete when it ends.
 
-    members: int = 0
-    samples: int = 0
-    stray: int = 0
-    truncated: bool = False
-    error: str | None = None
-    status: dict = field(default_factory=dict)
+    ``members == in_samples + stray``; ``samples == sum(status.values())``.
+    """
+
+    members: int = 0          # tar members read (headers; pax/GNU long-name records excluded)
+    in_samples: int = 0       # members that went into a yielded sample
+    stray: int = 0            # members no sample uses
+    samples: int = 0          # samples yielded (every status)
+    status: dict = field(default_factory=dict)  # status -> samples
+    truncated: bool = False   # the tar is cut short or corrupt: samples after the break are lost
+    error: str | None = None  # why it is truncated
+    expected: int | None = None  # "successes" in the shard's _stats.json, when known
+    stray_examples: list = field(default_factory=list)  # a few stray member names
+
+    def reconciles(self) -> bool:
+        """Every member is accounted for and every sample has one status."""
+        return self.members == self.in_samples + self.stray and self.samples == sum(self.status.values())
 
 
 @dataclass
 class Shard:
-    stem: str
-    url: str
+    """One ``{:08d}.tar`` of a shards folder (a unit of work). Picklable (the fs travels along)."""
+
+    stem: str                      # "00000003"
+    url: str                       # the tar: a local path, or a URL with its protocol
     fs: object = field(repr=False, default=None)
-    stats: dict | None = None
-    report: ShardReport = field(default_factory=ShardReport)
+    stats: dict | None = None      # the parsed {stem}_stats.json, or None
+    report: ShardReport = field(default_factory=ShardReport)  # filled by iter_samples
+    path: str | None = None        # the tar's path inside ``fs``
+    size: int | None = None        # the tar's size in bytes, from the listing
+    parquet: str | None = None     # path (inside ``fs``) of {stem}.parquet when listed
+    stats_error: str | None = None  # why {stem}_stats.json could not be read, when it exists
 
     @property
     def parquet_url(self) -> str:
-        return self.url[: -len(".tar")] + ".parquet"
+        """Where img2dataset's ``{stem}.parquet`` is (or would be), inside ``fs``."""
+        if self.parquet is not None:
+            return self.parquet
+        return (self.path or self.url)[: -len(".tar")] + ".parquet"
+
+    @property
+    def number(self) -> int:
+        return int(self.stem)
 
 
 @dataclass
 class Sample:
+    """One sample of a tar: its members grouped by key. ``status`` is "ok" or a problem code."""
+
     key: str
     uid: str | None = None
-    image: bytes | None = None
-    image_ext: str | None = None
-    text: str | None = None
-    json: dict | None = None
+    image: bytes | None = None     # the encoded image, not decoded (see ``decode_image``)
+    image_ext: str | None = None   # "jpg", "png", ...
+    text: str | None = None        # the alt-text (.txt)
+    json: dict | None = None       # img2dataset's per-sample metadata
     status: str = "ok"
-    error: str | None = None
+    error: str | None = None       # the reasons, "; "-joined; may be set when status is "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 class ImageError(Exception):
-    """An image that cannot be used; ``code`` is the status stored for its sample."""
+    """An image that cannot be used; ``code`` is the status the scorer stores for its sample."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+    code = "bad_image"
+
+    def __init__(self, code_or_message: str, message: str | None = None):
+        # ImageError(message) on the subclasses, ImageError(code, message) on the base class
+        if message is None:
+            super().__init__(code_or_message)
+        else:
+            super().__init__(message)
+            self.code = code_or_message
+
+    def __reduce__(self):  # keep the code across processes (engines send errors back)
+        return type(self), (self.code, str(self))
+
+
+class EmptyImage(ImageError):
+    code = "empty_image"
+
+
+class NotAnImage(ImageError):
+    """PIL cannot identify the bytes as any image format (an HTML error page, say)."""
+
+    code = "not_an_image"
+
+
+class TruncatedImage(ImageError):
+    code = "truncated_image"
+
+
+class CorruptImage(ImageError):
+    code = "corrupt_image"
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the cap: refused before decoding (decompression bombs)."""
+
+    code = "too_large"
+
+
+class UnsupportedImage(ImageError):
+    """Decoded, but in a mode that has no sound conversion to RGB (LAB, say)."""
+
+    code = "unsupported_image"
+
+
+# --------------------------------------------------------------------------------------------
+# listing
+
+
+def _protocols(fs) -> tuple:
+    p = getattr(fs, "protocol", ())
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
 
 
 def list_shards(shards_dir: str) -> list[Shard]:
-    """The ``{:08d}.tar`` shards of a folder, in order, with their ``_stats.json`` when present."""
+    """The ``{:08d}.tar`` shards of a folder, sorted by number, with ``_stats.json`` when present.
+
+    Raises ``UserError`` when the folder is missing, is not a folder, or has no numbered tars.
+    Only the folder itself is listed (img2dataset writes a flat folder).
+    """
     import fsspec
 
     if not shards_dir:
         raise UserError("no shards folder given")
-    fs, root = fsspec.core.url_to_fs(shards_dir)
+    try:
+        fs, root = fsspec.core.url_to_fs(shards_dir)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot open shards folder {shards_dir}: {e}") from None
     if not fs.exists(root):
-        raise UserError(f"shards folder {shards_dir} does not exist")
+        raise UserError(f"shards folder {shards_dir} does not exist; check the path")
     if not fs.isdir(root):
-        raise UserError(f"shards folder {shards_dir} is not a folder")
-    names = {str(p).rstrip("/").rsplit("/", 1)[-1]: str(p) for p in fs.ls(root, detail=False)}
-    tars = sorted((n for n in names if SHARD_NAME.match(n)), key=lambda n: (len(n), n))
+        raise UserError(f"shards folder {shards_dir} is not a folder; give the folder that holds the .tar shards")
+    entries = {}
+    for info in fs.ls(root, detail=True):
+        entries[_basename(info["name"])] = info
+    tars = sorted((n for n in entries if SHARD_NAME.match(n) and entries[n].get("type") != "directory"),
+                  key=lambda n: (int(n[: -len(".tar")]), n))
     if not tars:
-        raise UserError(f"shards folder {shards_dir} has no {{:08d}}.tar shards")
+        other = sorted(n for n in entries if n.endswith(".tar"))
+        hint = ""
+        if other:
+            hint = f" ({len(other)} other .tar file(s), e.g. {other[0]}: shards are named like 00000000.tar)"
+        elif entries.get("shards", {}).get("type") == "directory":
+            hint = f"; it has a shards/ folder: did you mean {shards_dir.rstrip('/')}/shards?"
+        raise UserError(f"shards folder {shards_dir} has no {{:08d}}.tar shards{hint}")
+    local = "file" in _protocols(fs)
     shards = []
     for n in tars:
         stem = n[: -len(".tar")]
-        stats = None
-        sp = names.get(f"{stem}_stats.json")
-        if sp is not None:
+        path = entries[n]["name"]
+        stats, stats_error = None, None
+        sinfo = entries.get(f"{stem}_stats.json")
+        if sinfo is not None:
             try:
-                with fs.open(sp, "r") as f:
-                    stats = json.load(f)
-            except (ValueError, OSError):
-                stats = None  # a broken stats file: the tar itself is the truth
-        shards.append(Shard(stem=stem, url=names[n], fs=fs, stats=stats))
+                with fs.open(sinfo["name"], "rb") as f:
+                    stats = json.loads(f.read().decode("utf-8"))
+                if not isinstance(stats, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, OSError) as e:  # a broken stats file: the tar itself is the truth
+                stats, stats_error = None, f"{type(e).__name__}: {e}"
+                log.warning("shard %s: cannot read %s_stats.json (%s); ignoring it", stem, stem, stats_error)
+        pinfo = entries.get(f"{stem}.parquet")
+        size = entries[n].get("size")
+        shards.append(Shard(stem=stem, url=path if local else fs.unstrip_protocol(path), fs=fs, stats=stats,
+                            path=path, size=int(size) if size is not None else None,
+                            parquet=pinfo["name"] if pinfo is not None else None, stats_error=stats_error))
     return shards
 
 
-def _split(name: str) -> tuple[str, str]:
-    """webdataset's convention: the key is the path up to the first dot of the basename."""
+def _fs_path(shard: Shard):
+    if shard.fs is not None:
+        return shard.fs, shard.path or shard.url
+    import fsspec
+
+    return fsspec.core.url_to_fs(shard.url)
+
+
+def _successes(stats) -> int | None:
+    n = (stats or {}).get("successes")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+# --------------------------------------------------------------------------------------------
+# reading a tar
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = the path up to the first dot of the file name; the rest
+    (lower-cased) is the extension. ``"a/b.c.jpg" -> ("a/b", "c.jpg")``."""
     d, _, base = name.rpartition("/")
     k, dot, ext = base.partition(".")
     return (f"{d}/{k}" if d else k), (ext.lower() if dot else "")
 
 
-def _finish(key: str, parts: dict, report: ShardReport) -> Sample:
+class _ProbedTarInfo(tarfile.TarInfo):
+    """Remembers, on the TarFile, why reading the last header failed.
+
+    ``tarfile`` ends the member list silently on an end-of-archive block, but also on a missing,
+    cut or corrupt header; the recorded error tells those apart. (``tarinfo=`` and
+    ``TarInfo.fromtarfile`` are documented hooks of ``tarfile``.)
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            info = super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            tarfile_.sieve_header_error = e
+            raise
+        tarfile_.sieve_header_error = None
+        return info
+
+
+def _end_problem(err, offset) -> str | None:
+    """Why a member list that ended without an exception is not a proper end, or None."""
+    name = type(err).__name__ if err is not None else None
+    at = f" at byte {offset}" if offset is not None else ""
+    if name in (None, "EOFHeaderError"):
+        return None  # the end-of-archive block
+    if name == "EmptyHeaderError":
+        return f"the tar ends{at} without its end-of-archive marker (cut between members)"
+    if name == "TruncatedHeaderError":
+        return f"the tar ends{at} inside a member header"
+    if name == "InvalidHeaderError":
+        return f"corrupt tar header{at} ({err}); the rest of the tar is unreadable"
+    return f"reading stopped{at}: {err}"
+
+
+class _Group:
+    """The members of one key while they are read."""
+
+    __slots__ = ("key", "parts", "used")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.parts: dict = {}  # ext -> bytes (first image ext, txt, json)
+        self.used = 0
+
+    def add(self, ext: str, data: bytes, name: str, report: ShardReport) -> None:
+        image = ext in IMAGE_EXTS
+        if (image and any(e in self.parts for e in IMAGE_EXTS)) or ext in self.parts \
+                or not (image or ext in ("txt", "json")):
+            _stray(report, name)  # an unused extension, a second image, a repeated member
+            return
+        self.parts[ext] = data
+        self.used += 1
+
+    def complete(self) -> bool:
+        return all(e in self.parts for e in _COMPLETE) and any(e in self.parts for e in IMAGE_EXTS)
+
+
+def _stray(report: ShardReport, name: str) -> None:
+    report.stray += 1
+    if len(report.stray_examples) < _STRAY_EXAMPLES:
+        report.stray_examples.append(name)
+
+
+def _build(key: str, parts: dict) -> tuple[Sample, list]:
+    """A sample from its members, and its problems as (status, reason) pairs."""
     s = Sample(key=key)
-    problems = []
-    for ext, data in parts.items():
-        if ext in IMAGE_EXTS and s.image is None:
-            s.image, s.image_ext = data, ext
-        elif ext == "txt":
-            try:
-                s.text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                s.text = data.decode("utf-8", errors="replace")
-                problems.append(("bad_text", "alt-text is not valid UTF-8 (undecodable bytes replaced)"))
-        elif ext == "json":
-            try:
-                s.json = json.loads(data.decode("utf-8", errors="replace"))
-                if not isinstance(s.json, dict):
-                    raise ValueError("not an object")
-            except ValueError as e:
-                s.json = None
-                problems.append(("bad_json", f"json is not readable: {e}"))
-        else:
-            report.stray += 1  # another member of the sample (e.g. .cls): counted, not used
-    if s.json is not None:
-        uid = s.json.get("uid")
-        s.uid = uid if isinstance(uid, str) and uid else None
-        if s.uid is None:
-            problems.append(("no_uid", "json has no uid"))
-    elif "json" not in parts:
-        problems.append(("no_uid", "sample has no json (so no uid)"))
+    problems: list = []
+    for ext in IMAGE_EXTS:
+        if ext in parts:
+            s.image, s.image_ext = parts[ext], ext
+            break
     if s.image is None:
         problems.append(("no_image", "sample has no image member"))
     elif not s.image:
-        problems.append(("empty_image", "image member is empty (0 bytes)"))
-    if "txt" not in parts:
-        s.text = None
-        problems.append(("no_text", "sample has no alt-text (.txt)"))
-    # the problem that makes the sample unusable first; a text problem alone still scores
-    order = ["no_image", "empty_image", "bad_json", "no_uid", "no_text", "bad_text"]
-    problems.sort(key=lambda p: order.index(p[0]))
-    if problems:
-        s.status, s.error = problems[0]
-        if s.status == "bad_text":
-            s.status = "ok"  # scored with the replaced text; the error says what happened
+        problems.append(("empty_image", f"image member {key}.{s.image_ext} is empty (0 bytes)"))
+    if "txt" in parts:
+        try:
+            s.text = parts["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            s.text = parts["txt"].decode("utf-8", errors="replace")
+            problems.append(("ok", "alt-text is not valid UTF-8 (undecodable bytes replaced by U+FFFD)"))
+    else:
+        problems.append(("no_text", "sample has no alt-text (.txt member)"))
+    if "json" in parts:
+        try:
+            obj = json.loads(parts["json"].decode("utf-8", errors="replace"))
+            if not isinstance(obj, dict):
+                raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            s.json = obj
+        except ValueError as e:
+            problems.append(("bad_json", f"json member is not readable: {e}"))
+        else:
+            uid = obj.get("uid")
+            if uid is None or uid == "":
+                problems.append(("no_uid", "json has no uid"))
+            elif not isinstance(uid, str) or not UID_RE.match(uid):
+                problems.append(("bad_uid", f"json uid {uid!r} is not 32 hexadecimal characters"))
+            else:
+                s.uid = uid
+    else:
+        problems.append(("no_uid", "sample has no json member (so no uid)"))
+    return s, problems
+
+
+def _finish(group: _Group, report: ShardReport, truncated: str | None = None, cut: int = 0) -> Sample:
+    s, problems = _build(group.key, group.parts)
+    if truncated is not None:
+        problems.append(("truncated", truncated))
+    bad = sorted((p for p in problems if p[0] != "ok"), key=lambda p: STATUS_ORDER.index(p[0]))
+    s.status = bad[0][0] if bad else "ok"
+    reasons = [r for _, r in bad] + [r for c, r in problems if c == "ok"]
+    s.error = "; ".join(reasons) if reasons else None
     report.samples += 1
+    report.in_samples += group.used + cut
     report.status[s.status] = report.status.get(s.status, 0) + 1
     return s
 
 
 def iter_samples(shard: Shard) -> Iterator[Sample]:
-    """Every sample of a shard's tar, in order; stops cleanly at a truncation and says so."""
-    report = shard.report = ShardReport()
-    fs = shard.fs
-    if fs is None:
-        import fsspec
+    """Every sample of a shard's tar, in tar order; stops cleanly at a break and says so.
 
-        fs, _ = fsspec.core.url_to_fs(shard.url)
-    key, parts = None, {}
-    try:
-        with fs.open(shard.url, "rb") as raw:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
-                for member in tar:
-                    report.members += 1
-                    if not member.isfile():
-                        report.stray += 1
-                        continue
-                    k, ext = _split(member.name)
-                    if k != key:
-                        if key is not None:
-                            yield _finish(key, parts, report)
-                        key, parts = k, {}
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is cut short")
-                    if ext in parts:
-                        report.stray += 1  # a repeated member: the first one counts
-                    else:
-                        parts[ext] = data
-    except (tarfile.ReadError, EOFError, OSError) as e:
-        report.truncated = True
-        report.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        whole = key is not None and "json" in parts and "txt" in parts and any(e in parts for e in IMAGE_EXTS)
-        if whole:
-            yield _finish(key, parts, report)  # every member img2dataset writes is there
-            key = None
-        if key is not None:
-            # the last sample lost members to the break: report it, never silently
-            report.status["truncated"] = report.status.get("truncated", 0) + 1
-            report.samples += 1
-            yield Sample(key=key, uid=_uid_of(parts), status="truncated",
-                         error=f"the tar ends inside or right after this sample ({report.error})")
-            key = None
-    if key is not None:
-        yield _finish(key, parts, report)
-    expected = (shard.stats or {}).get("successes")
-    if not report.truncated and isinstance(expected, int) and report.samples < expected:
-        # a tar cut exactly between members still reads as a complete archive
-        report.truncated = True
-        report.error = f"the tar has {report.samples} samples; its _stats.json says {expected} were written"
-
-
-def _uid_of(parts: dict) -> str | None:
-    try:
-        uid = json.loads(parts["json"].decode("utf-8")).get("uid")
-        return uid if isinstance(uid, str) and uid else None
-    except (KeyError, ValueError, AttributeError):
-        return None
-
-
-def decode_image(data: bytes, max_pixels: int | None = 89_478_485):
-    """Bytes -> an RGB PIL image; raises ImageError with a status code and reason.
-
-    Grayscale, palette and CMYK images are converted; transparency is composited on white.
-    Images over ``max_pixels`` are refused before decoding (decompression bombs).
+    ``shard.report`` is replaced by a fresh ``ShardReport`` and is complete once the iterator
+    is exhausted. Raises ``OSError`` for filesystem failures (see the module docstring).
     """
-    import warnings
+    report = shard.report = ShardReport(expected=_successes(shard.stats))
+    fs, path = _fs_path(shard)
+    group: _Group | None = None
+    cut: str | None = None  # the member whose data was being read
+    problem: str | None = None
+    try:
+        with fs.open(path, "rb") as raw, \
+                tarfile.open(fileobj=raw, mode="r|*", tarinfo=_ProbedTarInfo) as tar:
+            while True:
+                member = tar.next()
+                tar.members = []  # stream mode would otherwise keep every header in memory
+                if member is None:
+                    problem = _end_problem(getattr(tar, "sieve_header_error", None), getattr(tar, "offset", None))
+                    break
+                report.members += 1
+                if not member.isfile():
+                    _stray(report, member.name)
+                    continue
+                key, ext = split_key(member.name)
+                if group is not None and key != group.key:
+                    done, group = group, None
+                    if done.used:
+                        yield _finish(done, report)
+                if group is None:
+                    group = _Group(key)
+                cut = member.name
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                cut = None
+                group.add(ext, data, member.name, report)
+    except (tarfile.TarError, EOFError) as e:  # zlib errors come as ReadError
+        msg = str(e) or type(e).__name__
+        if report.members == 0 and (shard.size == 0 or msg == "empty file"):
+            problem = "the tar is empty (0 bytes)"
+        elif cut is not None:
+            problem = f"{msg} (inside member {cut}, member #{report.members})"
+        else:
+            problem = f"{msg} (after {report.members} member(s))"
+    if problem is not None:
+        report.truncated = True
+        report.error = problem
+    if group is not None and (group.used or cut is not None):
+        if cut is not None:  # the break cut one of this sample's members
+            yield _finish(group, report, f"the tar breaks inside this sample's member {cut} ({problem})", cut=1)
+        elif problem is not None and not group.complete():
+            yield _finish(group, report, f"the tar breaks right after this sample, which lacks members ({problem})")
+        else:
+            yield _finish(group, report)
+    if report.expected is not None and report.samples < report.expected:
+        short = f"{report.samples} samples read; its _stats.json says {report.expected} were written"
+        report.truncated = True
+        report.error = f"{report.error}; {short}" if report.error else f"the tar is short: {short}"
+    if report.truncated:
+        log.warning("shard %s is truncated: %s; %d sample(s) read", shard.stem, report.error, report.samples)
 
-    from PIL import Image
+
+def scan_shard(shard: Shard) -> ShardReport:
+    """Read a whole shard for its report only (statuses, strays, truncation)."""
+    for _ in iter_samples(shard):
+        pass
+    return shard.report
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    """Encoded bytes -> an RGB PIL image, or an ``ImageError`` subclass saying why not.
+
+    Grayscale, 16-bit grayscale, bilevel, palette and CMYK images are converted to RGB;
+    transparency (alpha, palette or tRNS) is composited on white. Images with more than
+    ``max_pixels`` pixels are refused from their header, before decoding (``None`` or 0: no cap
+    of ours; PIL still refuses over 2 x ``Image.MAX_IMAGE_PIXELS``, so a cap above that needs
+    ``Image.MAX_IMAGE_PIXELS`` raised). EXIF orientation is not applied (img2dataset already
+    decoded and re-encoded the images; the reference Sieve and open_clip do not apply it).
+    """
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise ImageError("empty_image", "image is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        raise EmptyImage("image is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
             im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if max_pixels and w * h > max_pixels:
-                raise ImageError("too_large", f"image is {w}x{h} = {w * h} pixels, over the {max_pixels} limit")
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(str(e)) from None
+        except UnidentifiedImageError:
+            raise NotAnImage(f"not an image PIL can identify (first bytes {bytes(data[:16])!r})") from None
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
+            raise _load_error(e, "header") from None
+        w, h = im.size
+        if max_pixels and w * h > max_pixels:
+            raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels} pixel limit")
+        try:
             im.load()
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError("too_large", str(e)) from None
-    except OSError as e:  # PIL: unidentified image, truncated file, broken data stream
-        msg = str(e)
-        code = "truncated_image" if "truncated" in msg.lower() else "not_an_image"
-        raise ImageError(code, msg) from None
-    except (ValueError, SyntaxError) as e:
-        raise ImageError("not_an_image", str(e)) from None
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im, mask=im.getchannel("A"))
-        return bg
-    return im.convert("RGB") if im.mode != "RGB" else im
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(str(e)) from None
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
+            raise _load_error(e, f"{im.format} data") from None
+    try:
+        return _to_rgb(im)
+    except (ValueError, OSError) as e:
+        raise UnsupportedImage(f"cannot convert a {im.mode} image to RGB: {e}") from None
+
+
+def _load_error(e: Exception, where: str) -> ImageError:
+    msg = str(e) or type(e).__name__
+    if isinstance(e, EOFError) or "truncat" in msg.lower() or "end of" in msg.lower():
+        return TruncatedImage(f"image is truncated ({msg})")
+    return CorruptImage(f"image {where} is corrupt ({msg})")
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grayscale: scale to 8 bits
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0  # 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# uids: the parquet fast path and metadata coverage
 
 
 def shard_uids(shard: Shard) -> dict | None:
-    """uid -> img2dataset status from the parquet beside the tar (failed downloads included), or None."""
+    """uid -> img2dataset status ("success", "failed_to_download", ...) from ``{stem}.parquet``.
+
+    That parquet lists every row img2dataset tried for the shard, failed downloads included,
+    so this is much faster than reading the tar. None when there is no parquet (or it lacks
+    uid/status or cannot be read: read the tar then). It trusts the parquet: a tar truncated
+    after img2dataset finished is not detected here (see ``coverage``).
+    """
     import pyarrow.parquet as pq
 
-    fs = shard.fs
-    try:
-        if not fs.exists(shard.parquet_url):
+    fs, _ = _fs_path(shard)
+    path = shard.parquet
+    if path is None:
+        if shard.fs is not None and shard.path is not None:
+            return None  # listed, and the listing had no parquet
+        path = shard.parquet_url
+        if not fs.exists(path):
             return None
-        with fs.open(shard.parquet_url, "rb") as f:
+    try:
+        with fs.open(path, "rb") as f:
             t = pq.read_table(f, columns=["uid", "status"]).to_pydict()
-    except Exception:  # a missing column or a broken file: no fast path
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds; a missing column too
+        log.warning("shard %s: cannot use %s (%s); reading the tar instead", shard.stem, path, e)
         return None
-    return dict(zip(t["uid"], t["status"]))
+    return {u: st for u, st in zip(t["uid"], t["status"]) if u is not None}
+
+
+def _size_problem(shard: Shard) -> str | None:
+    """A cheap look at a tar's size: tars are whole 512-byte blocks, and never empty."""
+    if shard.size is None:
+        return None
+    if shard.size == 0:
+        return "the tar is empty (0 bytes)"
+    if shard.size % 512:
+        return f"the tar's size {shard.size} is not a whole number of 512-byte blocks"
+    return None
+
+
+def compare_uids(metadata_uids, downloaded_uids) -> dict:
+    """Counts for two uid collections: iterables of 32-hex strings, or ``uids`` V16 key arrays.
+
+    Metadata rows without a download are normal (failed downloads, typically 6-15% of a pool);
+    downloads without a metadata row are not (wrong folders, or a different pool).
+    """
+    import numpy as np
+
+    from .uids import KEY_DTYPE, keys_from_strings
+
+    def keys(x, what):
+        if isinstance(x, np.ndarray) and x.dtype == KEY_DTYPE:
+            return x
+        return keys_from_strings(x, what)
+
+    m, s = keys(metadata_uids, "the metadata"), keys(downloaded_uids, "the shards")
+    mu, su = np.unique(m), np.unique(s)
+    both = np.intersect1d(mu, su, assume_unique=True)
+    return {"metadata_rows": int(len(mu)), "downloaded": int(len(su)), "matched": int(len(both)),
+            "metadata_without_sample": int(len(mu) - len(both)),
+            "samples_without_metadata": int(len(su) - len(both)),
+            "duplicate_metadata_uids": int(len(m) - len(mu)), "duplicate_samples": int(len(s) - len(su))}
 
 
 def coverage(metadata_dir: str, shards_dir: str) -> dict:
-    """How the metadata and the downloaded shards match up, by uid.
+    """How a pool's metadata and its downloaded shards match up, by uid (``compare_uids``).
 
-    Metadata rows without a downloaded sample are normal (failed downloads, typically 6-15%);
-    downloaded samples without a metadata row are not. Uids are held as 16-byte keys, so a
-    128M-row pool needs about 2 GB here.
+    Downloaded uids come from each shard's img2dataset parquet (rows with status "success") or,
+    without one, from reading the tar (every sample with a uid, except one the break cut). A
+    shard whose tar size is impossible (0 bytes, not whole 512-byte blocks) or that reads as
+    truncated is listed in ``truncated_shards``. Uids are held as 16-byte keys: about 2 GB per
+    128M rows on each side, so a large pool needs this run per part of the pool.
     """
     import numpy as np
 
     from .metadata import ParquetFolder
-    from .uids import keys_from_arrow, keys_from_strings
+    from .uids import KEY_DTYPE, keys_from_arrow, keys_from_strings
 
     meta = ParquetFolder.open(metadata_dir, "metadata folder")
     meta.require(["uid"])
-    mkeys = np.concatenate([keys_from_arrow(b.column(0).drop_null(), meta.what) for b in meta.batches(["uid"])])
+    parts = [keys_from_arrow(b.column(0).drop_null(), meta.what) for b in meta.batches(["uid"])]
+    mkeys = np.concatenate(parts) if parts else np.empty(0, KEY_DTYPE)
     skeys, from_tars, truncated = [], 0, []
     for shard in list_shards(shards_dir):
         statuses = shard_uids(shard)
         if statuses is not None:
             uids = [u for u, st in statuses.items() if st == "success" and u]
+            if _size_problem(shard):
+                truncated.append(shard.stem)
         else:  # no img2dataset parquet beside the tar: read the tar itself
             from_tars += 1
-            uids = [s.uid for s in iter_samples(shard) if s.uid]
+            uids = [s.uid for s in iter_samples(shard) if s.uid and s.status != "truncated"]
             if shard.report.truncated:
                 truncated.append(shard.stem)
         skeys.append(keys_from_strings(uids, shard.url))
-    skeys = np.concatenate(skeys) if skeys else np.empty(0, mkeys.dtype)
-    mkeys, skeys = np.unique(mkeys), np.unique(skeys)
-    both = np.intersect1d(mkeys, skeys, assume_unique=True)
-    return {"metadata_rows": int(len(mkeys)), "downloaded": int(len(skeys)), "matched": int(len(both)),
-            "metadata_without_sample": int(len(mkeys) - len(both)),
-            "samples_without_metadata": int(len(skeys) - len(both)),
-            "shards_read_from_tar": from_tars, "truncated_shards": truncated}
+    out = compare_uids(mkeys, np.concatenate(skeys) if skeys else np.empty(0, KEY_DTYPE))
+    out.update(shards_read_from_tar=from_tars, truncated_shards=truncated)
+    return out
