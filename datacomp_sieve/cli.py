@@ -75,6 +75,7 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     scoring = p.add_argument_group("scoring (sieve names with --shards_dir: the store is completed first)")
     add_score_arguments(scoring, with_batch=False)
+    add_engine_arguments(scoring)
 
 
 def run_filter(args: argparse.Namespace) -> int:
@@ -151,7 +152,8 @@ def _complete_store(args: argparse.Namespace, opts) -> None:
         config = ScoreConfig(**old["config"])  # finish the store with the settings that began it
         log.info("completing %s with its own settings (captioner %s)", opts.scores_dir, config.captioner)
     log.info("%d shard(s) to score before selecting", len(missing))
-    score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress)
+    score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress,
+               engine=_engine(args, config))
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -227,6 +229,30 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True) -> 
     p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Who runs the shards (datacomp_sieve.engines); the store, resume and config check are the same."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine, one worker process per visible GPU (in process with 0-1 GPUs); "
+                        "ray: one actor per GPU (or per --cpus_per_worker CPUs) on a Ray cluster (default local)")
+    p.add_argument("--address", default="auto",
+                   help="Ray cluster: auto (the one this node joined), HOST:PORT, or local (start one here)")
+    p.add_argument("--gpus_per_worker", type=float, default=1, help="GPUs per Ray worker (default 1)")
+    p.add_argument("--cpus_per_worker", type=float, default=1,
+                   help="CPUs per Ray worker (default 1; on a cluster without GPUs, workers = CPUs / this)")
+    p.add_argument("--max_retries", type=int, default=3,
+                   help="retries of a shard whose worker died or that raised (default 3); a shard that fails "
+                        "every try is reported and the others are completed")
+
+
+def _engine(args: argparse.Namespace, config):
+    from .engines import build_engine
+
+    return build_engine(getattr(args, "engine", "local"), config, address=getattr(args, "address", "auto"),
+                        gpus_per_worker=getattr(args, "gpus_per_worker", 1),
+                        cpus_per_worker=getattr(args, "cpus_per_worker", 1),
+                        max_retries=getattr(args, "max_retries", 3))
+
+
 def _score_config(args: argparse.Namespace):
     from .score import ScoreConfig
 
@@ -241,8 +267,9 @@ def run_score(args: argparse.Namespace) -> int:
 
     if not args.scores_dir:
         raise UserError("--scores_dir is required: where the score store goes")
-    m = score_pool(args.shards_dir, args.scores_dir, _score_config(args), overwrite=args.overwrite,
-                   progress=not args.quiet)
+    config = _score_config(args)
+    m = score_pool(args.shards_dir, args.scores_dir, config, overwrite=args.overwrite,
+                   progress=not args.quiet, engine=_engine(args, config))
     status = ", ".join(f"{v} {k}" for k, v in sorted(m["status"].items()))
     print(f"scored {m['rows']} samples in {m['shards']} shards into {args.scores_dir} ({status}); "
           f"manifest: {args.scores_dir}/manifest.json")
@@ -268,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--shards_dir", required=True, help="the pool's shards folder ({:08d}.tar)")
     sc.add_argument("--scores_dir", required=True, help="the score store to write (one parquet per shard)")
     add_score_arguments(sc)
+    add_engine_arguments(sc)
     sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=run_score)
 

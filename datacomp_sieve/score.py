@@ -2,8 +2,8 @@
 
 ``ShardScorer`` is the unit of work: it loads the models once and turns one shard into one
 table of rows (a row for every sample, with a status). It knows nothing of the engine that
-runs it; ``score_pool`` is the in-process engine. Resume comes from the store: a shard whose
-file exists is done.
+runs it; ``score_pool`` drives an engine (``engines.py``; in process by default). Resume comes
+from the store: a shard whose file exists is done.
 """
 
 from __future__ import annotations
@@ -203,47 +203,77 @@ def _expected_samples(shard) -> int | None:
 
 
 def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwrite: bool = False,
-               progress: bool = True, scorer: "ShardScorer | None" = None) -> dict:
-    """Score every shard not yet in the store; returns the run manifest."""
+               progress: bool = True, scorer: "ShardScorer | None" = None, engine=None) -> dict:
+    """Score every shard not yet in the store; returns the run manifest.
+
+    ``engine`` (``datacomp_sieve.engines``) runs the shards; by default this process does. Resume
+    and the configuration check are done here, before any engine runs a shard. Shards that fail
+    are listed in the manifest's ``failed``, and ``ShardsFailed`` is raised once the others are done.
+    """
     from tqdm.auto import tqdm
 
+    from .engines import InProcessEngine
     from .shards import list_shards
     from .store import ScoreStore
 
     shards = list_shards(shards_dir)
     store = ScoreStore(scores_dir)
-    cfg = config.resolved()
+    engine = engine or InProcessEngine(scorer)
+    cfg = engine.resolve(config)
     old = store.config()
     if old is not None and old.get("config") != cfg.identity() and not overwrite:
         store.open_for({"config": cfg.identity()}, overwrite=False)  # raises with the differing keys
     t0 = time.time()
-    scorer = scorer or ShardScorer(cfg)
+    pending = len(shards) if overwrite else len(store.missing([s.stem for s in shards]))
+    models = engine.start(cfg, n_shards=pending)
     load_s = time.time() - t0
     # The captioner's description names its weights (and their sha256); the text encoder's says
     # where the same weights came from (hub or bundled copy), so it goes to the manifest only.
-    models = scorer.describe()
     identity = {"config": cfg.identity(), "captioner": models["captioner"]}
-    store.open_for(identity, overwrite=overwrite)
+    try:
+        store.open_for(identity, overwrite=overwrite)
+    except BaseException:
+        engine.close()
+        raise
     todo = store.missing([s.stem for s in shards])
     by_stem = {s.stem: s for s in shards}
     skipped = len(shards) - len(todo)
     if skipped:
         log.info("resuming: %d of %d shards are already scored in %s", skipped, len(shards), scores_dir)
-    for line in scorer.describe().values():
+    for line in models.values():
         log.info("%s", line)
     expected = [_expected_samples(by_stem[s]) for s in todo]
     total = sum(e for e in expected if e is not None) if all(e is not None for e in expected) else None
     t1 = time.time()
     bar = tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True)
-    for stem in todo:
-        result = scorer.score(by_stem[stem], progress=bar)
-        store.write_shard(stem, result.table, result.stats)
-    bar.close()
-    manifest = build_manifest(store, [s.stem for s in shards], {**identity, "models": models})
-    manifest["run"] = {"shards_scored": len(todo), "shards_skipped": skipped, "model_load_seconds": round(load_s, 3),
-                       "scoring_seconds": round(time.time() - t1, 3), **environment()}
+    try:
+        failed = engine.run([by_stem[s] for s in todo], store, bar)
+    finally:
+        bar.close()
+        engine.close()
+    done = [s.stem for s in shards if s.stem not in failed]
+    manifest = build_manifest(store, done, {**identity, "models": models})
+    manifest["failed"] = dict(sorted(failed.items()))
+    manifest["run"] = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped,
+                       "shards_failed": len(failed), "model_load_seconds": round(load_s, 3),
+                       "scoring_seconds": round(time.time() - t1, 3), **engine.info(), **environment()}
     store.write_manifest(manifest)
+    if failed:
+        raise ShardsFailed(manifest)
     return manifest
+
+
+class ShardsFailed(UserError):
+    """Some shards failed every attempt; the others are in the store. ``manifest`` says which and why."""
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+        failed = manifest["failed"]
+        names = ", ".join(f"{k} ({v})" for k, v in list(failed.items())[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        total = manifest["shards"] + len(failed)
+        super().__init__(f"{len(failed)} of {total} shard(s) failed: {names}{more}; the other shards are in "
+                         f"{manifest['store']} (errors in manifest.json); rerun to retry the failed ones")
 
 
 def build_manifest(store, stems: list[str], identity: dict) -> dict:
