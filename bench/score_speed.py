@@ -1,0 +1,561 @@
+"""Scoring throughput: this project's engine vs a reference-style Sieve pipeline, same images.
+
+    python bench/score_speed.py --device cpu|cuda --model tiny|base --images N
+        [--batch_size B] [--num_captions 8] [--work_dir DIR] [--captioner PATH] [--seed 0]
+
+Both pipelines score the same N images end to end (webdataset tar shards in, score files out),
+in one process, one after the other, with the same captioning weights:
+
+- ``fast``: this project's engine, ``score_pool`` with a ``ShardScorer`` and the engine's defaults
+  for the device (fp16 on CUDA, fp32 on the CPU; batch 16 unless ``--batch_size``). Its store
+  goes to ``WORK/fast``; the per-stage timings (read, caption, text, clip) come from the store's
+  shard statistics.
+- ``reference``: written here the way the reference Sieve code works (facebookresearch/SIEVE
+  ``webdataset_inference.py`` then ``sentence_similarity_inference.py``): fp32, batch 16, images
+  read and decoded one by one in the main loop by a webdataset pipeline (``pilrgb`` decode, the
+  CLIP validation transform, ``batched(16)``), captions by Hugging Face's generic
+  ``BlipForConditionalGeneration.generate`` with the reference settings (prompt "a picture of ",
+  nucleus sampling top_p 0.9, 8 return sequences, repetition_penalty 1.1, max_length 20,
+  min_length 5; top_k 50, which transformers 4.30 applied by default in the reference's
+  environment), captions written to a parquet file; then a second pass reads that file, masks
+  alt-texts and captions with the reference's phrase list and embeds them with all-MiniLM-L6-v2
+  (256 samples per encode call, as the reference's default), writing the scores to
+  ``WORK/reference``.
+
+Without ``--captioner`` the BLIP weights are random (seeded): ``tiny`` is ``build_tiny_blip``
+(2 layers, hidden 32, 64 px), ``base`` a randomly initialised ``BlipForConditionalGeneration``
+of BLIP-base size (``blip_checkpoint.blip_base_config()``, ViT-B/16 at 224 px, 12-layer decoder).
+Random weights almost never sample [SEP], so nearly every caption runs to max_length: the
+worst case for decoding (real captions often stop earlier). The script measures and prints the
+share of sequences that reached max_length.
+
+Models are loaded, and both pipelines warmed up on one full batch (16 images), before anything is timed;
+only scoring is timed. The input shards are made from real photos that ship in installed
+packages (scikit-image, scikit-learn, matplotlib), cycled to N samples, resized and re-encoded
+as img2dataset would (largest side 512 if bigger, JPEG quality 95), in img2dataset's layout.
+The last line printed is ``fast F img/s, reference R img/s, ratio X`` (X = F / R).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# --------------------------------------------------------------------------------------------
+# Input shards from packaged photos
+
+# (source, alt-text). Alt-texts written for this benchmark; some carry "medium phrases" so the
+# masking has work to do in both pipelines.
+PHOTOS = (
+    ("skimage:astronaut", "an astronaut in an orange suit in front of a flag"),
+    ("skimage:chelsea", "a photo of a tabby cat looking at the camera"),
+    ("skimage:coffee", "a cup of coffee on a red saucer"),
+    ("skimage:rocket", "stock photo rocket on the launch pad at dusk"),
+    ("skimage:stereo_motorcycle", "a red motorcycle parked in a workshop"),
+    ("skimage:camera", "black and white image of a man with a camera on a tripod"),
+    ("skimage:coins", "old silver coins on a dark background"),
+    ("skimage:moon", "the cratered surface of the moon"),
+    ("skimage:page", "a scanned page of printed text"),
+    ("skimage:hubble_deep_field", "hubble deep field galaxies in space"),
+    ("skimage:immunohistochemistry", "a photo of stained tissue under a microscope"),
+    ("skimage:colorwheel", "a colour wheel"),
+    ("sklearn:china.jpg", "a pagoda by a lake among trees"),
+    ("sklearn:flower.jpg", "a pink dahlia flower close up"),
+    ("matplotlib:grace_hopper.jpg", "portrait of Grace Hopper in navy uniform"),
+)
+
+
+def _photo_array(source: str):
+    import numpy as np
+
+    kind, name = source.split(":", 1)
+    if kind == "skimage":
+        import skimage.data
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = getattr(skimage.data, name)()
+        return np.asarray(a[0] if isinstance(a, tuple) else a)
+    if kind == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(name))
+    if kind == "matplotlib":
+        from matplotlib import cbook
+        from PIL import Image
+
+        with Image.open(cbook.get_sample_data(name, asfileobj=False)) as im:
+            return np.asarray(im.convert("RGB"))
+    raise ValueError(source)
+
+
+def _jpeg(source: str, max_side: int = 512) -> tuple[bytes, int, int, int, int]:
+    """JPEG bytes as img2dataset writes them (keep_ratio_largest, resize only if bigger, q95)."""
+    from PIL import Image
+
+    im = Image.fromarray(_photo_array(source)).convert("RGB")
+    ow, oh = im.size
+    if max(ow, oh) > max_side:
+        scale = max_side / max(ow, oh)
+        im = im.resize((max(1, round(ow * scale)), max(1, round(oh * scale))), Image.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95)
+    return buf.getvalue(), im.size[0], im.size[1], ow, oh
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_shards(out_dir: str, n: int, per_shard: int, tag: str = "bench") -> int:
+    """``n`` samples cycled over PHOTOS in ``{:08d}.tar`` + ``_stats.json`` shards; returns shards."""
+    os.makedirs(out_dir, exist_ok=True)
+    encoded = {}
+    n_shards = 0
+    for s, start in enumerate(range(0, n, per_shard)):
+        stop = min(n, start + per_shard)
+        with tarfile.open(os.path.join(out_dir, f"{s:08d}.tar"), "w") as tar:
+            for i in range(start, stop):
+                source, text = PHOTOS[i % len(PHOTOS)]
+                if source not in encoded:
+                    encoded[source] = _jpeg(source)
+                data, w, h, ow, oh = encoded[source]
+                key = f"{s:05d}{i - start:04d}"
+                uid = hashlib.md5(f"{tag}:{i}".encode()).hexdigest()
+                meta = {"uid": uid, "url": f"http://{tag}.invalid/{i}.jpg", "caption": text, "key": key,
+                        "status": "success", "error_message": None, "width": w, "height": h,
+                        "original_width": ow, "original_height": oh, "exif": "{}",
+                        "sha256": hashlib.sha256(data).hexdigest()}
+                _add(tar, f"{key}.jpg", data)
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+                _add(tar, f"{key}.txt", text.encode())
+        count = stop - start
+        with open(os.path.join(out_dir, f"{s:08d}_stats.json"), "w") as f:
+            json.dump({"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}, f)
+        n_shards += 1
+    return n_shards
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def random_blip(size: str, seed: int):
+    """(model, tokenizer, image size): randomly initialised BLIP of the given size, seeded."""
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    from datacomp_sieve.blip_checkpoint import blip_base_config
+    from datacomp_sieve.caption import build_blip_tokenizer, build_tiny_blip
+
+    if size == "tiny":
+        model, tok = build_tiny_blip(seed)
+        return model, tok, model.config.vision_config.image_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(blip_base_config()).eval()
+    return model, build_blip_tokenizer(), 224
+
+
+def checkpoint_blip(path: str):
+    """(model, tokenizer, image size) for ``--captioner PATH`` (original BLIP file or transformers folder)."""
+    if os.path.isdir(path):
+        from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+        model = BlipForConditionalGeneration.from_pretrained(path).eval()
+        return model, AutoTokenizer.from_pretrained(path), model.config.vision_config.image_size
+    from datacomp_sieve.blip_checkpoint import load_blip_model
+    from datacomp_sieve.caption import build_blip_tokenizer
+
+    model, _ = load_blip_model(path, image_size=224)
+    return model.eval(), build_blip_tokenizer(), 224
+
+
+def register_random_captioner(name: str, model, tok, image_size: int, size: str, seed: int) -> None:
+    """Make the random model available to ``ShardScorer`` by name (a copy: the engine casts it)."""
+    from datacomp_sieve import caption
+
+    def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None,
+              progress=True):
+        return caption.BlipCaptioner(
+            copy.deepcopy(model), tok, name=name,
+            description=f"randomly initialised BLIP-{size} (seed {seed}) for benchmarks: captions are noise",
+            device=device, precision=precision or "fp32", image_size=image_size,
+            max_sequences_per_call=max_sequences_per_call, weights_info={"random_init_seed": seed},
+        )
+
+    caption.CAPTIONERS[name] = build
+
+
+# --------------------------------------------------------------------------------------------
+# The reference-style pipeline
+
+PROMPT = "a picture of "
+#: the reference's masking list, in its order (SPEC.md section 1)
+MEDIUM_PHRASES = ("an image of", "a photo of", "stock photo", "photo stock", "a photo", "an image", "image", "photo")
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ReferencePipeline:
+    """Captions first (webdataset loader in the main loop, HF ``generate``), similarity afterwards."""
+
+    def __init__(self, model, tok, image_size: int, device: str, num_captions: int, batch_size: int = 16,
+                 text_batch: int = 256):
+        import torch
+        from torchvision import transforms as T
+
+        from datacomp_sieve.models import load_text_encoder
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device, torch.float32).eval()  # fp32, no autocast
+        self.tok = tok
+        self.r, self.batch_size, self.text_batch = num_captions, batch_size, text_batch
+        # open_clip's validation transform (shorter side, bicubic; centre crop; CLIP normalisation)
+        self.transform = T.Compose([
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ])
+        self.sentence_model, _ = load_text_encoder(None, device=str(self.device))
+        self.sentence_model.eval()
+        self.patterns = [re.compile(p, re.IGNORECASE) for p in MEDIUM_PHRASES]
+        self.prompt_ids = tok(PROMPT, return_tensors="pt").input_ids  # [CLS] a picture of [SEP]
+        self.max_length_hits = 0
+        self.sequences = 0
+
+    def _loader(self, shards_dir: str):
+        import webdataset as wds
+
+        urls = sorted(glob.glob(os.path.join(shards_dir, "*.tar")))
+        return wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.decode("pilrgb", handler=wds.warn_and_continue),
+            wds.rename(image="jpg;png;jpeg;webp", text="txt", meta="json"),
+            wds.map_dict(image=self.transform, meta=lambda m: m["uid"]),
+            wds.to_tuple("__key__", "meta", "image", "text"),
+            wds.batched(self.batch_size, partial=True),
+        )
+
+    def caption(self, pixels):
+        import torch
+
+        b = pixels.shape[0]
+        with torch.no_grad():
+            out = self.model.generate(
+                pixel_values=pixels.to(self.device),
+                input_ids=self.prompt_ids.repeat(b, 1).to(self.device),  # [CLS]->[DEC], [SEP] dropped inside
+                do_sample=True, top_p=0.9, top_k=50, num_return_sequences=self.r,
+                repetition_penalty=1.1, max_length=20, min_length=5,
+            )
+        ids = out.cpu()
+        sep = self.tok.sep_token_id
+        self.sequences += ids.shape[0]
+        self.max_length_hits += int(((ids == sep).sum(dim=1) == 0).sum())
+        texts = self.tok.batch_decode(ids.tolist(), skip_special_tokens=True)
+        return [t[len(PROMPT):] for t in texts]
+
+    def captions_pass(self, shards_dir: str, out_path: str, timings: dict) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = {"uid": [], "key": [], "text": [], "all_generated_caption_list": []}
+        it = iter(self._loader(shards_dir))
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            timings["read_decode_preprocess"] += time.perf_counter() - t
+            if batch is None:
+                break
+            keys, uids, images, texts = batch
+            t = time.perf_counter()
+            flat = self.caption(images)
+            _sync(self.device)
+            timings["caption"] += time.perf_counter() - t
+            rows["uid"] += list(uids)
+            rows["key"] += list(keys)
+            rows["text"] += list(texts)
+            rows["all_generated_caption_list"] += [flat[i * self.r:(i + 1) * self.r] for i in range(len(keys))]
+        t = time.perf_counter()
+        pq.write_table(pa.table(rows), out_path)
+        timings["write"] += time.perf_counter() - t
+        return len(rows["uid"])
+
+    def mask(self, sentences):
+        out = []
+        for s in sentences:
+            for p in self.patterns:
+                s = p.sub("", s)
+            out.append(s)
+        return out
+
+    def similarity_pass(self, captions_path: str, out_path: str, timings: dict) -> None:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+
+        t = time.perf_counter()
+        df = pq.read_table(captions_path).to_pydict()
+        alts = self.mask(df["text"])
+        gens = [self.mask(list(c)) for c in df["all_generated_caption_list"]]
+        best, mean = [], []
+        step = self.text_batch
+        with torch.no_grad():
+            for s in range(0, len(alts), step):
+                a, g = alts[s:s + step], gens[s:s + step]
+                emb = self.sentence_model.encode(a + [c for cs in g for c in cs], convert_to_tensor=True,
+                                                 batch_size=step, show_progress_bar=False)
+                n = len(a)
+                cos = (emb[n:].view(n, self.r, -1) @ emb[:n].unsqueeze(-1)).squeeze(-1).float().cpu().numpy()
+                j = cos.argmax(1)
+                top = cos[np.arange(n), j]
+                empty = np.array([len(g[i][j[i]]) == 0 for i in range(n)])
+                best += np.where(empty, 0.0, top).tolist()
+                mean += cos.mean(1).tolist()
+        pq.write_table(pa.table({"uid": df["uid"], "key": df["key"], "sieve_score": best, "sieve_mean": mean}),
+                       out_path)
+        timings["text_pass"] += time.perf_counter() - t
+
+    def run(self, shards_dir: str, out_dir: str) -> tuple[int, dict]:
+        os.makedirs(out_dir, exist_ok=True)
+        timings = {"read_decode_preprocess": 0.0, "caption": 0.0, "write": 0.0, "text_pass": 0.0}
+        cap = os.path.join(out_dir, "captions.parquet")
+        n = self.captions_pass(shards_dir, cap, timings)
+        self.similarity_pass(cap, os.path.join(out_dir, "scores.parquet"), timings)
+        return n, timings
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (working tree has uncommitted changes to tracked files)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def _fresh(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", choices=["tiny", "base"], default="tiny")
+    p.add_argument("--images", type=int, default=64, help="number of images N (default 64)")
+    p.add_argument("--batch_size", type=int, default=None, help="this engine's batch (default: its own, 16)")
+    p.add_argument("--num_captions", type=int, default=8)
+    p.add_argument("--samples_per_shard", type=int, default=256)
+    p.add_argument("--work_dir", default=None, help="default: a fresh temporary folder")
+    p.add_argument("--captioner", default=None, help="a BLIP checkpoint (original .pth or transformers folder) "
+                                                      "instead of random weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup_images", type=int, default=None,
+                   help="images in the untimed warm-up shard (default: one full batch, 16)")
+    p.add_argument("--reference_first", action="store_true",
+                   help="time the reference-style pipeline before this engine (default: after), to check order effects")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timed rounds, the order alternating between rounds; rates are the medians (default 1)")
+    args = p.parse_args(argv)
+    if args.images < 1:
+        p.error("--images must be at least 1")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+    import transformers
+
+    from datacomp_sieve.score import ScoreConfig, ShardScorer, score_pool
+    from datacomp_sieve.store import ScoreStore
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no GPU", file=sys.stderr)
+        return 2
+    work = args.work_dir or tempfile.mkdtemp(prefix="score_speed_")
+    os.makedirs(work, exist_ok=True)
+    shards = _fresh(os.path.join(work, "shards"))
+    warm_shards = _fresh(os.path.join(work, "warmup_shards"))
+    n_shards = build_shards(shards, args.images, args.samples_per_shard)
+    n_warm = args.warmup_images if args.warmup_images is not None else max(args.batch_size or 16, 16)
+    if n_warm > 0:
+        build_shards(warm_shards, n_warm, n_warm, tag="warmup")
+
+    # Models (not timed)
+    t = time.perf_counter()
+    if args.captioner:
+        model, tok, image_size = checkpoint_blip(args.captioner)
+        captioner_name = args.captioner
+        weights = f"checkpoint {args.captioner}"
+    else:
+        model, tok, image_size = random_blip(args.model, args.seed)
+        captioner_name = f"bench-random-{args.model}"
+        register_random_captioner(captioner_name, model, tok, image_size, args.model, args.seed)
+        weights = f"random init, seed {args.seed}"
+    config = ScoreConfig(captioner=captioner_name, device=args.device, num_captions=args.num_captions,
+                         batch_size=args.batch_size or ScoreConfig.batch_size, seed=args.seed)
+    config = config.resolved()
+    scorer = ShardScorer(config)
+    reference = ReferencePipeline(model, tok, image_size, args.device, args.num_captions)
+    load_s = time.perf_counter() - t
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"device: {_device_name(args.device)}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+    print(f"commit: {_git_commit()}")
+    print(f"model: {args.model} BLIP ({params / 1e6:.1f}M parameters, {image_size} px, {weights})")
+    print(f"N: {args.images} images in {n_shards} shard(s) under {shards}; {args.num_captions} captions per image")
+    print(f"fast: precision {config.precision}, batch {config.batch_size}; reference: fp32, batch {reference.batch_size}")
+    print(f"models loaded in {load_s:.1f} s (not timed)")
+    if not args.captioner:
+        print("note: random weights almost never sample [SEP], so captions run to max_length "
+              "(16 new tokens): the worst case for decoding")
+
+    # Warm-up (not timed): both pipelines on one full batch, so that the timed runs find their
+    # allocations (and, on CUDA, kernels and memory pool) ready
+    if n_warm > 0:
+        t = time.perf_counter()
+        score_pool(warm_shards, _fresh(os.path.join(work, "warmup_fast")), config, overwrite=True,
+                   progress=False, scorer=scorer)
+        reference.run(warm_shards, _fresh(os.path.join(work, "warmup_reference")))
+        reference.max_length_hits = reference.sequences = 0
+        print(f"warm-up: {n_warm} images through each pipeline in {time.perf_counter() - t:.1f} s (not timed)")
+
+    def run_fast():
+        fast_dir = _fresh(os.path.join(work, "fast"))
+        _sync(torch.device(args.device))
+        t = time.perf_counter()
+        manifest = score_pool(shards, fast_dir, config, overwrite=True, progress=False, scorer=scorer)
+        _sync(torch.device(args.device))
+        fast_s = time.perf_counter() - t
+        store = ScoreStore(fast_dir)
+        stage = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
+        for sh in sorted(glob.glob(os.path.join(shards, "*.tar"))):
+            st = store.shard_stats(os.path.basename(sh)[:-4])
+            for k, v in st.get("timings", {}).items():
+                stage[k] = stage.get(k, 0.0) + v
+        ok = manifest.get("status", {}).get("ok", 0)
+        if ok != args.images:
+            print(f"WARNING: the engine scored {ok} of {args.images} images: {manifest.get('status')}")
+        fast_rate = args.images / fast_s
+        return fast_s, stage, fast_rate
+
+    def run_reference():
+        ref_dir = _fresh(os.path.join(work, "reference"))
+        torch.manual_seed(args.seed)
+        _sync(reference.device)
+        t = time.perf_counter()
+        n_ref, ref_stage = reference.run(shards, ref_dir)
+        _sync(reference.device)
+        ref_s = time.perf_counter() - t
+        if n_ref != args.images:
+            print(f"WARNING: the reference pipeline scored {n_ref} of {args.images} images")
+        ref_rate = args.images / ref_s
+        return ref_s, n_ref, ref_stage, ref_rate
+
+    import statistics
+
+    fast_runs, ref_runs = [], []
+    print()
+    for k in range(args.rounds):
+        ref_first = args.reference_first != (k % 2 == 1)  # alternate the order between rounds
+        if ref_first:
+            ref_runs.append(run_reference())
+            fast_runs.append(run_fast())
+        else:
+            fast_runs.append(run_fast())
+            ref_runs.append(run_reference())
+        print(f"round {k + 1}/{args.rounds} ({'reference first' if ref_first else 'fast first'}): "
+              f"fast {fast_runs[-1][2]:.2f} img/s ({fast_runs[-1][0]:.2f} s), "
+              f"reference {ref_runs[-1][3]:.2f} img/s ({ref_runs[-1][0]:.2f} s)")
+    fast_dir, ref_dir = os.path.join(work, "fast"), os.path.join(work, "reference")
+    fast_rate = statistics.median(r[2] for r in fast_runs)
+    ref_rate = statistics.median(r[3] for r in ref_runs)
+    n_ref = ref_runs[-1][1]
+    rounds = len(fast_runs)
+    fast_s = sum(r[0] for r in fast_runs) / rounds
+    ref_s = sum(r[0] for r in ref_runs) / rounds
+    stage = {k: sum(r[1][k] for r in fast_runs) / rounds for k in fast_runs[0][1]}
+    ref_stage = {k: sum(r[2][k] for r in ref_runs) / rounds for k in ref_runs[0][2]}
+    per = f"mean of {rounds} rounds" if rounds > 1 else "1 round"
+
+    other = fast_s - sum(stage.values())
+    print()
+    print(f"fast ({per}): {args.images} images in {fast_s:.2f} s; stages (store shard stats): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in stage.items())
+          + f", other (store writes, bookkeeping) {other:.2f} s")
+    print(f"  scores in {fast_dir}")
+    print(f"reference ({per}): {n_ref} images in {ref_s:.2f} s; stages: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in ref_stage.items()))
+    print(f"  scores in {ref_dir}")
+    if reference.sequences:
+        share = reference.max_length_hits / reference.sequences
+        print(f"reference sequences that ran to max_length (no [SEP]): {reference.max_length_hits}"
+              f"/{reference.sequences} ({100 * share:.1f}%)")
+    if rounds > 1:
+        print(f"rates below: median over {rounds} rounds")
+    print(f"fast {fast_rate:.2f} img/s, reference {ref_rate:.2f} img/s, ratio {fast_rate / ref_rate:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
