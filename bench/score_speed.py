@@ -2,6 +2,7 @@
 
     python bench/score_speed.py --device cpu|cuda --model tiny|base --images N
         [--batch_size B] [--num_captions 8] [--work_dir DIR] [--captioner PATH] [--seed 0]
+        [--rounds K] [--reference_first] [--warmup_images 16]
 
 Both pipelines score the same N images end to end (webdataset tar shards in, score files out),
 in one process, one after the other, with the same captioning weights:
@@ -33,6 +34,9 @@ Models are loaded, and both pipelines warmed up on one full batch (16 images), b
 only scoring is timed. The input shards are made from real photos that ship in installed
 packages (scikit-image, scikit-learn, matplotlib), cycled to N samples, resized and re-encoded
 as img2dataset would (largest side 512 if bigger, JPEG quality 95), in img2dataset's layout.
+With ``--rounds K`` both pipelines are timed K times, the order alternating between rounds, and the
+rates are the medians (stage times the means): on a shared machine a single run can be off by 20%
+either way. The 1-minute load average at the start and end of timing is printed for that reason.
 The last line printed is ``fast F img/s, reference R img/s, ratio X`` (X = F / R).
 """
 
@@ -515,6 +519,7 @@ def main(argv=None) -> int:
     import statistics
 
     fast_runs, ref_runs = [], []
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     print()
     for k in range(args.rounds):
         ref_first = args.reference_first != (k % 2 == 1)  # alternate the order between rounds
@@ -551,6 +556,9 @@ def main(argv=None) -> int:
         share = reference.max_length_hits / reference.sequences
         print(f"reference sequences that ran to max_length (no [SEP]): {reference.max_length_hits}"
               f"/{reference.sequences} ({100 * share:.1f}%)")
+    if hasattr(os, "getloadavg"):
+        print(f"load average (1 min) at start of timing {load0:.2f}, at end {os.getloadavg()[0]:.2f} "
+              f"(other work on the machine skews both pipelines; compare only runs on an idle machine)")
     if rounds > 1:
         print(f"rates below: median over {rounds} rounds")
     print(f"fast {fast_rate:.2f} img/s, reference {ref_rate:.2f} img/s, ratio {fast_rate / ref_rate:.2f}")
