@@ -57,7 +57,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -91,35 +90,13 @@ PHOTOS = (
 )
 
 
-def _photo_array(source: str):
-    import numpy as np
-
-    kind, name = source.split(":", 1)
-    if kind == "skimage":
-        import skimage.data
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            a = getattr(skimage.data, name)()
-        return np.asarray(a[0] if isinstance(a, tuple) else a)
-    if kind == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        return np.asarray(load_sample_image(name))
-    if kind == "matplotlib":
-        from matplotlib import cbook
-        from PIL import Image
-
-        with Image.open(cbook.get_sample_data(name, asfileobj=False)) as im:
-            return np.asarray(im.convert("RGB"))
-    raise ValueError(source)
-
-
 def _jpeg(source: str, max_side: int = 512) -> tuple[bytes, int, int, int, int]:
     """JPEG bytes as img2dataset writes them (keep_ratio_largest, resize only if bigger, q95)."""
     from PIL import Image
 
-    im = Image.fromarray(_photo_array(source)).convert("RGB")
+    from datacomp_sieve.toy_pool import photo_array
+
+    im = Image.fromarray(photo_array(source)).convert("RGB")
     ow, oh = im.size
     if max(ow, oh) > max_side:
         scale = max_side / max(ow, oh)

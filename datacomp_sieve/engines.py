@@ -396,19 +396,7 @@ class RayEngine:
         """The device is the workers', not the driver's: a CPU head node may drive GPU workers."""
         ray = self._init()
         self.cluster = ray.cluster_resources()
-        gpus = float(self.cluster.get("GPU", 0))
-        device = config.device or ("cuda" if gpus > 0 else "cpu")
-        if device.startswith("cuda") and gpus <= 0:
-            raise UserError("--device cuda was asked for, but the Ray cluster has no GPU; use --device cpu")
-        precision = config.precision or ("fp16" if device.startswith("cuda") else "fp32")
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise UserError(f"--precision must be fp32, fp16 or bf16, got {precision}")
-        if device == "cpu" and precision == "fp16":
-            raise UserError("fp16 is for GPUs; on the CPU use --precision fp32 or bf16")
-        from .score import ScoreConfig
-
-        ScoreConfig(**{**asdict(config), "device": "cpu", "precision": "fp32"}).resolved()  # the other checks
-        return ScoreConfig(**{**asdict(config), "device": device, "precision": precision})
+        return config.resolved(has_gpu=float(self.cluster.get("GPU", 0)) > 0, where="the Ray cluster has")
 
     def _workers_wanted(self, cfg) -> tuple[int, dict]:
         gpus = float(self.cluster.get("GPU", 0))

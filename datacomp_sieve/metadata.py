@@ -16,6 +16,23 @@ from .errors import UserError
 CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 
 
+def open_folder(url: str, what: str, not_a_folder: str = ""):
+    """``(fs, root)`` of an existing folder (local path or fsspec URL); one-line errors otherwise."""
+    import fsspec
+
+    if not url:
+        raise UserError(f"no {what} given")
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot open {what} {url}: {e}") from None
+    if not fs.exists(root):
+        raise UserError(f"{what} {url} does not exist; check the path")
+    if not fs.isdir(root):
+        raise UserError(f"{what} {url} is not a folder{'; ' + not_a_folder if not_a_folder else ''}")
+    return fs, root
+
+
 @dataclass
 class ParquetFolder:
     """The parquet files of one folder, opened through fsspec."""
@@ -27,18 +44,7 @@ class ParquetFolder:
 
     @classmethod
     def open(cls, url: str, what: str = "folder") -> "ParquetFolder":
-        import fsspec
-
-        if not url:
-            raise UserError(f"no {what} given")
-        try:
-            fs, root = fsspec.core.url_to_fs(url)
-        except (ImportError, ValueError) as e:
-            raise UserError(f"cannot open {what} {url}: {e}") from None
-        if not fs.exists(root):
-            raise UserError(f"{what} {url} does not exist; check the path")
-        if not fs.isdir(root):
-            raise UserError(f"{what} {url} is not a folder")
+        fs, root = open_folder(url, what)
         entries = fs.ls(root, detail=False)
         if not entries:
             raise UserError(f"{what} {url} is empty; point it at the folder that holds the .parquet files")

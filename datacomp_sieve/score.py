@@ -14,8 +14,6 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,12 +35,16 @@ class ScoreConfig:
     seed: int = 0
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
 
-    def resolved(self) -> "ScoreConfig":
-        import torch
+    def resolved(self, has_gpu: bool | None = None, where: str = "torch sees") -> "ScoreConfig":
+        """Defaults filled in and checked. ``has_gpu``: whether the machines that will run the
+        work have GPUs (default: whether torch sees one here); ``where`` names them in errors."""
+        if has_gpu is None:
+            import torch
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but torch sees no GPU; use --device cpu")
+            has_gpu = torch.cuda.is_available()
+        device = self.device or ("cuda" if has_gpu else "cpu")
+        if device.startswith("cuda") and not has_gpu:
+            raise UserError(f"--device cuda was asked for, but {where} no GPU; use --device cpu")
         precision = self.precision or ("fp16" if device.startswith("cuda") else "fp32")
         if precision not in ("fp32", "fp16", "bf16"):
             raise UserError(f"--precision must be fp32, fp16 or bf16, got {precision}")

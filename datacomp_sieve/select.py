@@ -161,11 +161,8 @@ class JoinedTable:
         biggest = max(s[3] for s in sources)
         bits = max(0, min(8, math.ceil(math.log2(max(1, biggest / PARTITION_ROWS)))))
         self.parts = 1 << bits
-        dtypes = []
-        counts = []
+        dtypes = [None] * len(sources)
         for si, (folder, columns, idx, rows) in enumerate(sources):
-            dtypes.append(None)
-            n = 0
             files = {}
             bar = _progress(rows, f"partition {folder.what}", progress)
             for b in folder.batches(["uid"] + columns, batch_rows):
@@ -190,17 +187,13 @@ class JoinedTable:
                         if p not in files:
                             files[p] = open(self._path(si, p), "wb")
                         rec[lo:hi].tofile(files[p])
-                n += len(b)
                 bar.update(len(b))
             bar.close()
             for f in files.values():
                 f.close()
-            counts.append(n)
-        self.rows = counts[0]
         joined = 0
         dups = [0] * len(sources)
         only = [0] * len(sources)
-        out_dtype = [("k", KEY_DTYPE)] + [(f"t{i}", None) for i in range(len(terms))]
         bar = _progress(self.parts, "join partitions", progress)
         self.score_dtypes = [None] * len(terms)
         for si, (_, _, idx, _) in enumerate(sources):
@@ -402,8 +395,6 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
         fusion.observe(scores, ok)
         bar.update(n)
     bar.close()
-    if hasattr(table, "joined"):
-        rows = total
     if scored == 0:
         names = ", ".join(f"{t.name} ({t.column})" for t in terms)
         raise UserError(f"no row has a score for {names}: every value is missing or NaN; check the score columns")

@@ -209,18 +209,9 @@ def list_shards(shards_dir: str) -> list[Shard]:
     Raises ``UserError`` when the folder is missing, is not a folder, or has no numbered tars.
     Only the folder itself is listed (img2dataset writes a flat folder).
     """
-    import fsspec
+    from .metadata import open_folder
 
-    if not shards_dir:
-        raise UserError("no shards folder given")
-    try:
-        fs, root = fsspec.core.url_to_fs(shards_dir)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"cannot open shards folder {shards_dir}: {e}") from None
-    if not fs.exists(root):
-        raise UserError(f"shards folder {shards_dir} does not exist; check the path")
-    if not fs.isdir(root):
-        raise UserError(f"shards folder {shards_dir} is not a folder; give the folder that holds the .tar shards")
+    fs, root = open_folder(shards_dir, "shards folder", "give the folder that holds the .tar shards")
     entries = {}
     for info in fs.ls(root, detail=True):
         entries[_basename(info["name"])] = info

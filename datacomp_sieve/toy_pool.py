@@ -375,7 +375,7 @@ def _plan_rows() -> list[_Row]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_array(source: str):
+def photo_array(source: str):
     """An RGB(A)/greyscale uint8 array for a photo source; never touches the network."""
     import numpy as np
 
@@ -416,7 +416,7 @@ def _encode(photo: _Photo) -> bytes:
         im.save(buf, "PNG")
         return buf.getvalue()
 
-    im = Image.fromarray(_load_array(photo.source))
+    im = Image.fromarray(photo_array(photo.source))
     enc = photo.encoding
     if enc == "png-rgba":
         im.convert("RGBA").save(buf, "PNG")

@@ -12,7 +12,6 @@ import pytest
 
 from datacomp_sieve.errors import UserError
 from datacomp_sieve.score import ScoreConfig, ShardScorer, score_pool
-from datacomp_sieve.store import ScoreStore
 from datacomp_sieve.toy_pool import rows_by_uid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,5 @@
 """Selection must equal, byte for byte, the in-memory methods of DataComp and the reference code."""
 
-import os
 import sys
 from pathlib import Path
 
