@@ -182,12 +182,13 @@ def register_random_captioner(name: str, model, tok, image_size: int, size: str,
     from datacomp_sieve import caption
 
     def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None,
-              progress=True):
+              progress=True, decoding="fast"):
         return caption.BlipCaptioner(
             copy.deepcopy(model), tok, name=name,
             description=f"randomly initialised BLIP-{size} (seed {seed}) for benchmarks: captions are noise",
             device=device, precision=precision or "fp32", image_size=image_size,
             max_sequences_per_call=max_sequences_per_call, weights_info={"random_init_seed": seed},
+            decoding=decoding,
         )
 
     caption.CAPTIONERS[name] = build
@@ -383,6 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=64, help="number of images N (default 64)")
     p.add_argument("--batch_size", type=int, default=None, help="this engine's batch (default: its own, 16)")
     p.add_argument("--num_captions", type=int, default=8)
+    p.add_argument("--decoding", choices=["fast", "reference"], default="fast",
+                   help="this engine's decoding (default fast; reference: transformers' generate inside the engine)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="this engine's precision (default: its own, fp16 on CUDA and fp32 on the CPU)")
     p.add_argument("--samples_per_shard", type=int, default=256)
     p.add_argument("--work_dir", default=None, help="default: a fresh temporary folder")
     p.add_argument("--captioner", default=None, help="a BLIP checkpoint (original .pth or transformers folder) "
@@ -433,7 +438,8 @@ def main(argv=None) -> int:
         register_random_captioner(captioner_name, model, tok, image_size, args.model, args.seed)
         weights = f"random init, seed {args.seed}"
     config = ScoreConfig(captioner=captioner_name, device=args.device, num_captions=args.num_captions,
-                         batch_size=args.batch_size or ScoreConfig.batch_size, seed=args.seed)
+                         batch_size=args.batch_size or ScoreConfig.batch_size, seed=args.seed,
+                         decoding=args.decoding, precision=args.precision)
     config = config.resolved()
     scorer = ShardScorer(config)
     reference = ReferencePipeline(model, tok, image_size, args.device, args.num_captions)
@@ -445,7 +451,8 @@ def main(argv=None) -> int:
     print(f"commit: {_git_commit()}")
     print(f"model: {args.model} BLIP ({params / 1e6:.1f}M parameters, {image_size} px, {weights})")
     print(f"N: {args.images} images in {n_shards} shard(s) under {shards}; {args.num_captions} captions per image")
-    print(f"fast: precision {config.precision}, batch {config.batch_size}; reference: fp32, batch {reference.batch_size}")
+    print(f"fast: precision {config.precision}, batch {config.batch_size}, decoding {config.decoding}; "
+          f"reference: fp32, batch {reference.batch_size}")
     print(f"models loaded in {load_s:.1f} s (not timed)")
     if not args.captioner:
         print("note: random weights almost never sample [SEP], so captions run to max_length "

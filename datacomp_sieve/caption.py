@@ -35,6 +35,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _PRECISIONS = ("fp32", "fp16", "bf16")
+#: how BLIP samples: ``fast`` (decoding.FastBlipSampler) or ``reference`` (transformers' generate)
+DECODINGS = ("fast", "reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,10 +261,11 @@ class BlipCaptioner(Captioner):
     ``len(prompt)`` characters cut. Decoding cleans up tokenisation spaces ("cat ' s" -> "cat's")
     as transformers 4.30 did by default (transformers 5 does not unless asked).
 
-    All of a batch goes through one ``generate`` call (``max_sequences_per_call`` splits it when
-    B*r would not fit in memory; with a seed, results stay deterministic but differ from the
-    unsplit call). Generation lives in ``_generate_from_embeds``: the one place a faster decoding
-    loop would replace.
+    ``decoding``: ``fast`` (default) samples with ``decoding.FastBlipSampler`` (same distribution,
+    work shared per image); ``reference`` calls transformers' ``generate`` as the reference code
+    does, for auditing. All of a batch goes through one call (``max_sequences_per_call`` splits it
+    when B*r would not fit in memory; with a seed, results stay deterministic but differ from the
+    unsplit call).
     """
 
     def __init__(
@@ -278,7 +281,11 @@ class BlipCaptioner(Captioner):
         settings: GenerationSettings = GenerationSettings(),
         max_sequences_per_call: int | None = None,
         weights_info: dict | None = None,
+        decoding: str = "fast",
     ):
+        if decoding not in DECODINGS:
+            raise UserError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+        self.decoding = decoding
         self.device, self.precision = _check_device_precision(device, precision)
         self.dtype = _dtype(self.precision)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -300,6 +307,9 @@ class BlipCaptioner(Captioner):
         if ids[0] != tokenizer.cls_token_id or ids[-1] != self.sep_id:
             raise UserError(f"unexpected tokenisation of the prompt {settings.prompt!r}: {ids}")
         self.prompt_ids = torch.tensor([self.bos_id] + list(ids[1:-1]), dtype=torch.long)
+        from .decoding import FastBlipSampler
+
+        self.sampler = FastBlipSampler(self.model.text_decoder, settings, self.prompt_ids, self.sep_id, self.pad_id)
 
     # -- the pipeline -------------------------------------------------------------------------
 
@@ -339,6 +349,8 @@ class BlipCaptioner(Captioner):
     def _generate_from_embeds(self, image_embeds, r: int):
         import torch
 
+        if self.decoding == "fast":
+            return self.sampler.generate(image_embeds, r)
         s = self.settings
         b = image_embeds.shape[0]
         input_ids = self.prompt_ids.to(image_embeds.device).unsqueeze(0).repeat(b, 1)
@@ -376,6 +388,7 @@ class BlipCaptioner(Captioner):
             "precision": self.precision,
             "generation": asdict(self.settings),
             "max_sequences_per_call": self.max_sequences_per_call,
+            "decoding": self.decoding,
         }
 
 
@@ -459,7 +472,8 @@ def _no_weights(name: str, weights):
 
 
 def _build_blip_original(checkpoint: str) -> Callable[..., Captioner]:
-    def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True):
+    def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True,
+          decoding="fast"):
         from .blip_checkpoint import BLIP_CHECKPOINTS, load_blip_model
 
         model, info = load_blip_model(weights or checkpoint, image_size=224, cache_dir=cache_dir, progress=progress)
@@ -474,17 +488,20 @@ def _build_blip_original(checkpoint: str) -> Callable[..., Captioner]:
             image_size=224,
             max_sequences_per_call=max_sequences_per_call,
             weights_info=info,
+            decoding=decoding,
         )
 
     return build
 
 
-def _build_label(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True):
+def _build_label(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True,
+          decoding="fast"):
     _no_weights("label", weights)  # a classifier: no decoder batch to split, nothing to download
     return LabelCaptioner(device=device, precision=precision or "fp32")
 
 
-def _build_tiny(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True, seed=0):
+def _build_tiny(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True,
+          decoding="fast", seed=0):
     _no_weights("tiny", weights)
     model, tok = build_tiny_blip(seed)
     return BlipCaptioner(
@@ -496,6 +513,7 @@ def _build_tiny(device=None, precision=None, weights=None, cache_dir=None, max_s
         precision=precision or "fp32",
         max_sequences_per_call=max_sequences_per_call,
         weights_info={"random_init_seed": seed},
+        decoding=decoding,
     )
 
 
@@ -538,7 +556,8 @@ def build_captioner(
 def _build_blip_hf(source: str) -> Callable[..., Captioner]:
     """A transformers ``BlipForConditionalGeneration`` from a local folder or the hub, by id."""
 
-    def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True):
+    def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True,
+          decoding="fast"):
         _no_weights(source, weights)
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
@@ -554,6 +573,7 @@ def _build_blip_hf(source: str) -> Callable[..., Captioner]:
             device=device, precision=precision or "fp32",
             max_sequences_per_call=max_sequences_per_call,
             weights_info={"source": source, "revision": getattr(model.config, "_commit_hash", None)},
+            decoding=decoding,
         )
 
     return build

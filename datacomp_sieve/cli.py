@@ -222,6 +222,11 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True) -> 
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                    help="fp32 keeps the reference numerics (default on CPU); fp16 is the default on CUDA")
+    p.add_argument("--decoding", choices=["fast", "reference"], default="fast",
+                   help="how BLIP samples: fast (default; the reference's sampling distribution and settings, "
+                        "with the image's work shared by its captions) or reference (transformers' generate, "
+                        "as the reference code calls it; for auditing). Greedy tokens are identical; "
+                        "sampled captions for a seed differ, their distribution does not")
     if with_batch:
         p.add_argument("--batch_size", type=int, default=16,
                        help="images per captioning call (default 16, as the reference)")
@@ -258,7 +263,8 @@ def _score_config(args: argparse.Namespace):
 
     return ScoreConfig(captioner=args.captioner, text_encoder=args.text_encoder, num_captions=args.num_captions,
                        masking=args.masking, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                       device=args.device, precision=args.precision, batch_size=args.batch_size or 16,
+                       device=args.device, precision=args.precision, decoding=args.decoding,
+                       batch_size=args.batch_size or 16,
                        seed=args.seed)
 
 

@@ -28,7 +28,7 @@ def explain(image_path: str, texts: list[str], config) -> dict:
         image = decode_image(data, max_pixels=cfg.max_image_pixels)
     except ImageError as e:
         raise UserError(f"cannot use {image_path}: {e}") from None
-    captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision)
+    captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision, decoding=cfg.decoding)
     gen = torch.Generator().manual_seed(cfg.seed)
     captions = captioner.caption([image], cfg.num_captions, generator=gen)[0]
     encoder = TextEncoder(cfg.text_encoder, device=cfg.device)

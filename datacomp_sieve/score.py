@@ -31,6 +31,7 @@ class ScoreConfig:
     clip_pretrained: str = "openai"
     device: str | None = None
     precision: str | None = None
+    decoding: str = "fast"
     batch_size: int = 16
     seed: int = 0
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
@@ -50,6 +51,8 @@ class ScoreConfig:
             raise UserError(f"--precision must be fp32, fp16 or bf16, got {precision}")
         if device == "cpu" and precision == "fp16":
             raise UserError("fp16 is for GPUs; on the CPU use --precision fp32 or bf16")
+        if self.decoding not in ("fast", "reference"):
+            raise UserError(f"--decoding must be fast or reference, got {self.decoding}")
         if self.num_captions < 1:
             raise UserError(f"--num_captions must be at least 1, got {self.num_captions}")
         if self.batch_size < 1:
@@ -85,7 +88,8 @@ class ShardScorer:
 
         self.config = config.resolved()
         cfg = self.config
-        self.captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision)
+        self.captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision,
+                                         decoding=cfg.decoding)
         self.text = TextEncoder(cfg.text_encoder, device=cfg.device)
         self.clip = None
         if cfg.clip_model:

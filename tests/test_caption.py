@@ -42,7 +42,14 @@ def photos():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_captioner("tiny", device="cpu")
+    """The tiny BLIP sampling through transformers' generate, as the reference code does."""
+    return build_captioner("tiny", device="cpu", decoding="reference")
+
+
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def either(request):
+    """The tiny BLIP with each decoding path: what holds for both."""
+    return build_captioner("tiny", device="cpu", decoding=request.param)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +107,8 @@ def test_prompt_ids(tiny):
     assert tiny.prompt_ids.tolist() == PROMPT_IDS
 
 
-def test_r_captions_per_image_deterministic_with_seed(tiny, photos):
+def test_r_captions_per_image_deterministic_with_seed(either, photos):
+    tiny = either
     ims = [photos["chelsea"], photos["astronaut"], photos["china"]]
     state = torch.random.get_rng_state()
     a = tiny.caption(ims, 4, seed=7)
@@ -214,7 +222,8 @@ def _with_bias(tiny, updates):
     return old
 
 
-def test_min_length_counts_the_prompt_and_prompt_is_cut(tiny, photos):
+def test_min_length_counts_the_prompt_and_prompt_is_cut(either, photos):
+    tiny = either
     cat = 4937
     head = tiny.model.text_decoder.cls.predictions
     old = _with_bias(tiny, {SEP: 35.0, cat: 30.0})
@@ -230,7 +239,8 @@ def test_min_length_counts_the_prompt_and_prompt_is_cut(tiny, photos):
     assert caps == [["cat"] * 3] * 2  # "a picture of cat" with len("a picture of ") characters cut
 
 
-def test_max_length_counts_the_prompt(tiny, photos):
+def test_max_length_counts_the_prompt(either, photos):
+    tiny = either
     head = tiny.model.text_decoder.cls.predictions
     old = _with_bias(tiny, {SEP: -1e4})
     try:
@@ -242,7 +252,8 @@ def test_max_length_counts_the_prompt(tiny, photos):
     assert not (ids == SEP).any()
 
 
-def test_decode_skips_special_tokens_and_cuts_prompt(tiny, photos):
+def test_decode_skips_special_tokens_and_cuts_prompt(either, photos):
+    tiny = either
     ids = tiny.generate_ids(torch.stack([tiny.preprocess(photos["camera"])]), 3, seed=5)
     texts = tiny.decode(ids)
     for row, text in zip(ids.tolist(), texts):
