@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,7 +91,12 @@ class ShardScorer:
         cfg = self.config
         self.captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision,
                                          decoding=cfg.decoding)
-        self.text = TextEncoder(cfg.text_encoder, device=cfg.device)
+        # on a GPU the sentence encoder runs in the captioner's half precision
+        self.text = TextEncoder(cfg.text_encoder, device=cfg.device,
+                                precision=cfg.precision if str(cfg.device).startswith("cuda") else "fp32")
+        #: threads decoding images ahead of the models: on a GPU, where decoding would otherwise
+        #: starve it; on the CPU the models want every core
+        self.decode_threads = min(8, os.cpu_count() or 1) if str(cfg.device).startswith("cuda") else 0
         self.clip = None
         if cfg.clip_model:
             from .clip import ClipScorer
@@ -104,11 +110,43 @@ class ShardScorer:
             out["clip"] = self.clip.description
         return out
 
+    def _prepare(self, sample):
+        """(sample, status, error, image, pixels): the image decoded and preprocessed, or why not."""
+        from .shards import ImageError, decode_image
+
+        if sample.status != "ok":
+            return sample, sample.status, sample.error, None, None
+        try:
+            image = decode_image(sample.image, max_pixels=self.config.max_image_pixels)
+        except ImageError as e:
+            return sample, e.code, str(e), None, None
+        return sample, "ok", None, image, self.captioner.preprocess(image)
+
+    def _prepared(self, samples):
+        """``_prepare`` over ``samples``, in order. With ``decode_threads`` > 0, decoding and
+        preprocessing run that many samples ahead in a thread pool (PIL and torch release the
+        GIL), overlapping the models' work; at most ``4 * batch_size`` samples are in flight."""
+        if not self.decode_threads:
+            yield from map(self._prepare, samples)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        ahead = deque()
+        limit = 4 * self.config.batch_size
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            for sample in samples:
+                ahead.append(pool.submit(self._prepare, sample))
+                if len(ahead) >= limit:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
     def score(self, shard, progress=None) -> ShardResult:
         import pyarrow as pa
         import torch
 
-        from .shards import ImageError, decode_image, iter_samples
+        from .shards import iter_samples
         from .store import schema
         from .text import sieve_scores
 
@@ -118,14 +156,14 @@ class ShardScorer:
         rows = {k: [] for k in schema(self.clip is not None).names}
         counts: dict = {}
         timings = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
-        pending: list = []  # (row index, image, alt-text)
+        pending: list = []  # (row index, image, pixels, alt-text)
 
         def flush():
             if not pending:
                 return
-            idx, images, texts = zip(*pending)
+            idx, images, pixels, texts = zip(*pending)
             t = time.time()
-            caps = self.captioner.caption(list(images), cfg.num_captions, generator=gen)
+            caps = self.captioner.caption_pixels(torch.stack(pixels), cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t
             t = time.time()
             best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
@@ -146,15 +184,8 @@ class ShardScorer:
             pending.clear()
 
         t = time.time()
-        for sample in iter_samples(shard):
+        for sample, status, error, image, pixels in self._prepared(iter_samples(shard)):
             i = len(rows["uid"])
-            status, error = sample.status, sample.error
-            image = None
-            if status == "ok":
-                try:
-                    image = decode_image(sample.image, max_pixels=cfg.max_image_pixels)
-                except ImageError as e:
-                    status, error = e.code, str(e)
             rows["uid"].append(sample.uid)
             rows["key"].append(sample.key)
             for k in ("sieve_score", "sieve_mean", "best_caption", "captions") + (("clip_score",) if self.clip else ()):
@@ -166,7 +197,7 @@ class ShardScorer:
             rows["error"].append(error)
             counts[status] = counts.get(status, 0) + 1
             if image is not None and status == "ok":
-                pending.append((i, image, text))
+                pending.append((i, image, pixels, text))
                 if len(pending) >= cfg.batch_size:
                     timings["read"] += time.time() - t
                     flush()

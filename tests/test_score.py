@@ -192,6 +192,17 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     # another seed samples other captions
     score_pool(str(toy_pool / "shards"), str(tmp_path / "c"), ScoreConfig(**{**cfg.__dict__, "seed": 1}), progress=False)
     assert [r["captions"] for r in read(tmp_path / "c")] != [r["captions"] for r in rows]
+    # decoding ahead in threads (what a GPU run does) changes nothing
+    threaded = ShardScorer(cfg)
+    threaded.decode_threads = 3
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), cfg, progress=False, scorer=threaded)
+    for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "d").glob("*.parquet"))):
+        assert pq.read_table(x).equals(pq.read_table(y))
+    # the reference decoding: same store layout and statuses, its own (deterministic) captions
+    ref = ScoreConfig(**{**cfg.__dict__, "decoding": "reference"})
+    m = score_pool(str(toy_pool / "shards"), str(tmp_path / "e"), ref, progress=False)
+    assert m["status"] == a["status"] and m["config"]["decoding"] == "reference"
+    assert all(len(r["captions"]) == 3 for r in read(tmp_path / "e"))
 
 
 def test_overwrite_replaces_a_store_made_with_other_settings(toy_pool, store, tmp_path):
