@@ -355,6 +355,54 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _time_captioner_stages(captioner, device) -> dict:
+    """Time a BLIP captioner's vision encoder and decoding separately (the device is synchronised
+    around each, a negligible cost per batch). Returns the dict the times accumulate in; empty
+    for captioners without those stages."""
+    if not hasattr(captioner, "encode_images") or not hasattr(captioner, "_generate_from_embeds"):
+        return {}
+    times = {"vision": 0.0, "decoding": 0.0}
+
+    def timed(key, fn):
+        def run(*a, **kw):
+            _sync(device)
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            _sync(device)
+            times[key] += time.perf_counter() - t
+            return out
+        return run
+
+    captioner.encode_images = timed("vision", captioner.encode_images)
+    captioner._generate_from_embeds = timed("decoding", captioner._generate_from_embeds)
+    return times
+
+
+class GpuUtilisation:
+    """Samples ``nvidia-smi``'s GPU utilisation every 100 ms while alive (CUDA runs only)."""
+
+    def __init__(self, device: str):
+        self.samples: list[float] = []
+        self.proc = None
+        if device != "cuda" or shutil.which("nvidia-smi") is None:
+            return
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
+             "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        self.samples = [float(x) for x in out.split() if x.strip().replace(".", "", 1).isdigit()]
+        self.proc = None
+
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples)
+
+
 def _device_name(device: str) -> str:
     import torch
 
@@ -468,13 +516,19 @@ def main(argv=None) -> int:
         reference.max_length_hits = reference.sequences = 0
         print(f"warm-up: {n_warm} images through each pipeline in {time.perf_counter() - t:.1f} s (not timed)")
 
+    split = _time_captioner_stages(scorer.captioner, torch.device(args.device))
+
     def run_fast():
         fast_dir = _fresh(os.path.join(work, "fast"))
         _sync(torch.device(args.device))
+        if split:
+            split.update(vision=0.0, decoding=0.0)
+        gpu = GpuUtilisation(args.device)
         t = time.perf_counter()
         manifest = score_pool(shards, fast_dir, config, overwrite=True, progress=False, scorer=scorer)
         _sync(torch.device(args.device))
         fast_s = time.perf_counter() - t
+        gpu.stop()
         store = ScoreStore(fast_dir)
         stage = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
         for sh in sorted(glob.glob(os.path.join(shards, "*.tar"))):
@@ -485,6 +539,11 @@ def main(argv=None) -> int:
         if ok != args.images:
             print(f"WARNING: the engine scored {ok} of {args.images} images: {manifest.get('status')}")
         fast_rate = args.images / fast_s
+        if "vision" in split:
+            stage["caption: vision encoder"] = split["vision"]
+            stage["caption: decoding"] = split["decoding"]
+        if gpu.samples:
+            stage["gpu utilisation %"] = gpu.mean()
         return fast_s, stage, fast_rate
 
     def run_reference():
@@ -527,11 +586,14 @@ def main(argv=None) -> int:
     ref_stage = {k: sum(r[2][k] for r in ref_runs) / rounds for k in ref_runs[0][2]}
     per = f"mean of {rounds} rounds" if rounds > 1 else "1 round"
 
-    other = fast_s - sum(stage.values())
+    util = stage.pop("gpu utilisation %", None)
+    other = fast_s - sum(v for k, v in stage.items() if not k.startswith("caption: "))
     print()
     print(f"fast ({per}): {args.images} images in {fast_s:.2f} s; stages (store shard stats): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in stage.items())
           + f", other (store writes, bookkeeping) {other:.2f} s")
+    if util is not None:
+        print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
     print(f"  scores in {fast_dir}")
     print(f"reference ({per}): {n_ref} images in {ref_s:.2f} s; stages: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in ref_stage.items()))
