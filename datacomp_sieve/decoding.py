@@ -40,12 +40,12 @@ def _merge(x):
     return x.transpose(1, 2).reshape(n, t, h * d)
 
 
-def _attend(q, k, v, causal: bool = False):
-    """Softmax attention. On the CPU the model's own formula (so fp32 results match it); on GPUs
-    torch's fused kernel."""
+def _attend(q, k, v, causal: bool = False, fused: bool = False):
+    """Softmax attention: torch's fused kernel, or the model's own formula (matmul, scale, softmax,
+    matmul), whose fp32 results match the model's bit for bit."""
     import torch
 
-    if q.device.type != "cpu":
+    if fused:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
@@ -61,6 +61,8 @@ class FastBlipSampler:
     #: compact the batch (drop images whose r captions have all ended) when at most this share
     #: of its images is still running
     compact_below = 0.75
+    #: torch's fused attention kernel (None: on GPUs; the CPU uses the model's own formula)
+    fused_attention: bool | None = None
 
     def __init__(self, text_decoder, settings, prompt_ids, sep_id: int, pad_id: int):
         self.lm = text_decoder
@@ -93,21 +95,22 @@ class FastBlipSampler:
         at ``pos``). Self-attention keys/values are written into ``cache`` (B*r rows)."""
         b = cross[0][0].shape[0]
         n, t, d = x.shape
+        fused = self.fused_attention if self.fused_attention is not None else x.device.type != "cpu"
         for layer, (ck, cv), (kc, vc) in zip(self.bert.encoder.layer, cross, cache):
             sa = layer.attention.self
             q, k, v = (_split(f(x), self.heads) for f in (sa.query, sa.key, sa.value))
             if pos == 0:  # the prompt, once per image: attend within it, then copy to the r rows
-                ctx = _attend(q, k, v, causal=True)
+                ctx = _attend(q, k, v, causal=True, fused=fused)
                 kc[:, :, :t] = k.repeat_interleave(r, 0)
                 vc[:, :, :t] = v.repeat_interleave(r, 0)
             else:
                 kc[:, :, pos] = k[:, :, 0]
                 vc[:, :, pos] = v[:, :, 0]
-                ctx = _attend(q, kc[:, :, :pos + 1], vc[:, :, :pos + 1])
+                ctx = _attend(q, kc[:, :, :pos + 1], vc[:, :, :pos + 1], fused=fused)
             x = layer.attention.output(_merge(ctx), x)
             # cross-attention: the rows of one image are consecutive; attend as one query block
             qc = layer.crossattention.self.query(x).reshape(b, (n // b) * t, d)
-            ctx = _merge(_attend(_split(qc, self.heads), ck, cv)).reshape(n, t, d)
+            ctx = _merge(_attend(_split(qc, self.heads), ck, cv, fused=fused)).reshape(n, t, d)
             x = layer.crossattention.output(ctx, x)
             x = layer.output(layer.intermediate(x), x)
         return x

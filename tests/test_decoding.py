@@ -52,9 +52,11 @@ def _hf_greedy(cap, embeds, r):
         bos_token_id=cap.bos_id)
 
 
-@pytest.mark.parametrize("sep_bias", [None, 5.0, 6.5, 8.0])
-def test_greedy_tokens_equal_transformers_greedy(pixels, sep_bias):
+@pytest.mark.parametrize("sep_bias,fused", [(None, False), (5.0, False), (6.5, False), (8.0, False), (6.5, True)])
+def test_greedy_tokens_equal_transformers_greedy(pixels, sep_bias, fused):
+    """fused: torch's fused attention kernel (what GPUs use), here on the CPU."""
     cap = build_captioner("tiny", device="cpu")
+    cap.sampler.fused_attention = fused
     if sep_bias is not None:
         _peaked(cap, sep_bias, seed=int(sep_bias or 0))
     with torch.inference_mode():
