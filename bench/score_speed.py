@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import glob
 import hashlib
 import io
@@ -231,7 +232,7 @@ class ReferencePipeline:
             T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
         ])
         self.sentence_model, _ = load_text_encoder(None, device=str(self.device))
-        self.sentence_model.eval()
+        self.sentence_model.float().eval()  # fp32, as the reference
         self.patterns = [re.compile(p, re.IGNORECASE) for p in MEDIUM_PHRASES]
         self.prompt_ids = tok(PROMPT, return_tensors="pt").input_ids  # [CLS] a picture of [SEP]
         self.max_length_hits = 0
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", choices=["tiny", "base"], default="tiny")
     p.add_argument("--images", type=int, default=64, help="number of images N (default 64)")
-    p.add_argument("--batch_size", type=int, default=None, help="this engine's batch (default: its own, 16)")
+    p.add_argument("--batch_size", type=int, default=None, help="this engine's batch (default: its own, 16 on the CPU, 256 on GPUs)")
     p.add_argument("--num_captions", type=int, default=8)
     p.add_argument("--decoding", choices=["fast", "reference"], default="fast",
                    help="this engine's decoding (default fast; reference: transformers' generate inside the engine)")
@@ -442,16 +443,28 @@ def main(argv=None) -> int:
                                                       "instead of random weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup_images", type=int, default=None,
-                   help="images in the untimed warm-up shard (default: one full batch, 16)")
+                   help="images in the untimed warm-up shard (default: one full batch of this engine)")
     p.add_argument("--reference_first", action="store_true",
                    help="time the reference-style pipeline before this engine (default: after), to check order effects")
     p.add_argument("--rounds", type=int, default=1,
                    help="timed rounds, the order alternating between rounds; rates are the medians (default 1)")
+    p.add_argument("--reference_images", type=int, default=None,
+                   help="time the reference-style pipeline on the first M of the N images only (default: all N); "
+                        "for GPUs, where it is too slow for the N this engine needs to fill the device")
+    p.add_argument("--sweep", default="",
+                   help="after the rounds, time this engine alone at other settings: comma-separated BATCH or "
+                        "BATCHxWORKERS items (WORKERS: image-decoding processes on a GPU), e.g. 256,512x14")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.reference_images is not None and not 1 <= args.reference_images <= args.images:
+        p.error("--reference_images must be between 1 and --images")
+    try:
+        sweep = [tuple(int(x) for x in item.split("x")) for item in args.sweep.split(",") if item.strip()]
+    except ValueError:
+        p.error(f"--sweep: give BATCH or BATCHxTHREADS items, got {args.sweep!r}")
 
     import logging
 
@@ -470,9 +483,11 @@ def main(argv=None) -> int:
     shards = _fresh(os.path.join(work, "shards"))
     warm_shards = _fresh(os.path.join(work, "warmup_shards"))
     n_shards = build_shards(shards, args.images, args.samples_per_shard)
-    n_warm = args.warmup_images if args.warmup_images is not None else max(args.batch_size or 16, 16)
-    if n_warm > 0:
-        build_shards(warm_shards, n_warm, n_warm, tag="warmup")
+    n_ref_images = args.reference_images or args.images
+    ref_shards = shards
+    if n_ref_images < args.images:  # the same first M samples, in their own shards
+        ref_shards = _fresh(os.path.join(work, "reference_shards"))
+        build_shards(ref_shards, n_ref_images, args.samples_per_shard)
 
     # Models (not timed)
     t = time.perf_counter()
@@ -486,9 +501,12 @@ def main(argv=None) -> int:
         register_random_captioner(captioner_name, model, tok, image_size, args.model, args.seed)
         weights = f"random init, seed {args.seed}"
     config = ScoreConfig(captioner=captioner_name, device=args.device, num_captions=args.num_captions,
-                         batch_size=args.batch_size or ScoreConfig.batch_size, seed=args.seed,
+                         batch_size=args.batch_size, seed=args.seed,
                          decoding=args.decoding, precision=args.precision)
     config = config.resolved()
+    n_warm = args.warmup_images if args.warmup_images is not None else max(config.batch_size, 16)
+    if n_warm > 0:
+        build_shards(warm_shards, n_warm, n_warm, tag="warmup")
     scorer = ShardScorer(config)
     reference = ReferencePipeline(model, tok, image_size, args.device, args.num_captions)
     load_s = time.perf_counter() - t
@@ -499,6 +517,12 @@ def main(argv=None) -> int:
     print(f"commit: {_git_commit()}")
     print(f"model: {args.model} BLIP ({params / 1e6:.1f}M parameters, {image_size} px, {weights})")
     print(f"N: {args.images} images in {n_shards} shard(s) under {shards}; {args.num_captions} captions per image")
+    if n_ref_images < args.images:
+        print(f"reference-style pipeline timed on the first {n_ref_images} of those images (its rate is "
+              f"images per second over those)")
+    decode = (f"decoding images in {scorer.decode_workers} processes" if scorer._in_processes() else
+              f"decoding images in {scorer.decode_threads} threads" if scorer.decode_threads else "decoding images in line")
+    print(f"fast: {decode}, text half on a thread: {scorer.overlap_text}")
     print(f"fast: precision {config.precision}, batch {config.batch_size}, decoding {config.decoding}; "
           f"reference: fp32, batch {reference.batch_size}")
     print(f"models loaded in {load_s:.1f} s (not timed)")
@@ -518,14 +542,15 @@ def main(argv=None) -> int:
 
     split = _time_captioner_stages(scorer.captioner, torch.device(args.device))
 
-    def run_fast():
+    def run_fast(cfg=config):
+        scorer.config = cfg
         fast_dir = _fresh(os.path.join(work, "fast"))
         _sync(torch.device(args.device))
         if split:
             split.update(vision=0.0, decoding=0.0)
         gpu = GpuUtilisation(args.device)
         t = time.perf_counter()
-        manifest = score_pool(shards, fast_dir, config, overwrite=True, progress=False, scorer=scorer)
+        manifest = score_pool(shards, fast_dir, cfg, overwrite=True, progress=False, scorer=scorer)
         _sync(torch.device(args.device))
         fast_s = time.perf_counter() - t
         gpu.stop()
@@ -551,12 +576,12 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         _sync(reference.device)
         t = time.perf_counter()
-        n_ref, ref_stage = reference.run(shards, ref_dir)
+        n_ref, ref_stage = reference.run(ref_shards, ref_dir)
         _sync(reference.device)
         ref_s = time.perf_counter() - t
-        if n_ref != args.images:
-            print(f"WARNING: the reference pipeline scored {n_ref} of {args.images} images")
-        ref_rate = args.images / ref_s
+        if n_ref != n_ref_images:
+            print(f"WARNING: the reference pipeline scored {n_ref} of {n_ref_images} images")
+        ref_rate = n_ref_images / ref_s
         return ref_s, n_ref, ref_stage, ref_rate
 
     import statistics
@@ -587,11 +612,13 @@ def main(argv=None) -> int:
     per = f"mean of {rounds} rounds" if rounds > 1 else "1 round"
 
     util = stage.pop("gpu utilisation %", None)
+    # with the text half on a thread, text overlaps captioning: the stages then sum to more than the wall time
     other = fast_s - sum(v for k, v in stage.items() if not k.startswith("caption: "))
     print()
     print(f"fast ({per}): {args.images} images in {fast_s:.2f} s; stages (store shard stats): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in stage.items())
-          + f", other (store writes, bookkeeping) {other:.2f} s")
+          + (f", other (store writes, bookkeeping) {other:.2f} s" if not scorer.overlap_text else
+             " (text overlaps captioning)"))
     if util is not None:
         print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
     print(f"  scores in {fast_dir}")
@@ -605,8 +632,24 @@ def main(argv=None) -> int:
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) at start of timing {load0:.2f}, at end {os.getloadavg()[0]:.2f} "
               f"(other work on the machine skews both pipelines; compare only runs on an idle machine)")
+    if sweep:
+        print()
+        default_workers = scorer.decode_workers
+        for item in sweep:
+            batch, workers = item[0], (item[1] if len(item) > 1 else default_workers)
+            if workers != scorer.decode_workers:
+                scorer.close()
+                scorer.decode_workers = workers
+            s_time, s_stage, s_rate = run_fast(dataclasses.replace(config, batch_size=batch))
+            util = s_stage.pop("gpu utilisation %", None)
+            print(f"sweep: batch {batch}, decode workers {workers}: fast {s_rate:.2f} img/s ({s_time:.2f} s); "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
+                  + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
+        scorer.close()
+        scorer.decode_workers = default_workers
     if rounds > 1:
         print(f"rates below: median over {rounds} rounds")
+    scorer.close()
     print(f"fast {fast_rate:.2f} img/s, reference {ref_rate:.2f} img/s, ratio {fast_rate / ref_rate:.2f}")
     return 0
 

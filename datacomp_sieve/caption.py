@@ -7,7 +7,9 @@
   Sieve code does (see ``BlipCaptioner``);
 - ``label``: an offline stand-in that is *not* a captioning model: an ImageNet EfficientNet-Lite0
   whose top-r classes become "a photo of a {label}";
-- ``tiny``: a randomly initialised tiny BLIP (for tests; its captions are noise).
+- ``tiny``: a randomly initialised tiny BLIP (for tests; its captions are noise);
+- ``git-base``: GIT (microsoft/git-base, the paper's ablation), as are other transformers GIT
+  folders and hub ids (``GitCaptioner``).
 
 Every captioner has ``preprocess`` (a picklable PIL -> tensor callable, so data-loader workers can
 run it), ``caption(images, r)`` and ``caption_pixels(pixel_values, r)`` (for batches preprocessed
@@ -67,13 +69,39 @@ class ImageTransform:
 
     def __call__(self, image: "Image.Image") -> "torch.Tensor":
         import torchvision.transforms.functional as F
+
+        return F.normalize(F.to_tensor(self.crop(image)), self.mean, self.std)
+
+    def crop(self, image: "Image.Image") -> "Image.Image":
+        """The geometric part: RGB, resized and centre-cropped (still a PIL image, 8 bits)."""
+        import torchvision.transforms.functional as F
         from torchvision.transforms import InterpolationMode
 
         if image.mode != "RGB":
             image = image.convert("RGB")
         image = F.resize(image, self.resize, interpolation=InterpolationMode.BICUBIC)
-        image = F.center_crop(image, [self.size, self.size])
-        return F.normalize(F.to_tensor(image), self.mean, self.std)
+        return F.center_crop(image, [self.size, self.size])
+
+    def to_uint8(self, image: "Image.Image"):
+        """``crop`` as a uint8 array (size, size, 3): 4 times smaller than the float tensor, so
+        decoding processes send these and ``normalize`` finishes the batch on the model's device."""
+        import numpy as np
+
+        return np.asarray(self.crop(image), dtype=np.uint8)
+
+    def normalize(self, batch: "torch.Tensor") -> "torch.Tensor":
+        """uint8 (B, size, size, 3) -> float32 (B, 3, size, size), on the batch's device: the same
+        float32 operations as ``__call__`` (to_tensor's /255, then (x - mean) / std), so the same
+        numbers."""
+        import torch
+
+        x = batch.permute(0, 3, 1, 2).to(torch.float32)
+        # divisors as tensors: CUDA turns division by a Python number into a multiplication by
+        # its reciprocal, which can move the last bit
+        full = torch.full((1, 1, 1, 1), 255.0, dtype=torch.float32, device=x.device)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return x.div_(full).sub_(mean).div_(std)
 
     def __repr__(self) -> str:
         return f"ImageTransform(size={self.size}, resize={self.resize}, mean={self.mean}, std={self.std})"
@@ -178,6 +206,13 @@ class Captioner(ABC):
         seed: int | None = None,
     ) -> list[list[str]]:
         """Like ``caption`` for a batch already made by ``preprocess`` (B, 3, H, W)."""
+
+    def start_captions(self, pixel_values, num_captions: int = 8, *, generator=None, seed=None):
+        """``caption_pixels`` in two halves: the model's work now, and a function that returns the
+        captions. Captioners whose second half is real work (turning token ids into text) let the
+        caller run it on another thread while the model captions the next batch."""
+        captions = self.caption_pixels(pixel_values, num_captions, generator=generator, seed=seed)
+        return lambda: captions
 
     def identity(self) -> dict:
         """What determines the captions (for provenance records)."""
@@ -314,13 +349,21 @@ class BlipCaptioner(Captioner):
     # -- the pipeline -------------------------------------------------------------------------
 
     def caption_pixels(self, pixel_values, num_captions=8, *, generator=None, seed=None):
+        return self.start_captions(pixel_values, num_captions, generator=generator, seed=seed)()
+
+    def start_captions(self, pixel_values, num_captions=8, *, generator=None, seed=None):
         r = _check_r(num_captions)
         _check_pixels(pixel_values, self.preprocess.size)
-        seed = _seed_from(generator, seed)
-        ids = self.generate_ids(pixel_values, r, seed=seed)
-        texts = self.decode(ids)
+        # on the CPU now (the sampling loop has synchronised anyway): the text half may run on
+        # another thread while this device captions the next batch
+        ids = self.generate_ids(pixel_values, r, seed=_seed_from(generator, seed)).cpu()
         n = pixel_values.shape[0]
-        return [texts[i * r:(i + 1) * r] for i in range(n)]
+
+        def captions():
+            texts = self.decode(ids)
+            return [texts[i * r:(i + 1) * r] for i in range(n)]
+
+        return captions
 
     def generate_ids(self, pixel_values, num_captions: int, seed: int | None = None):
         """Token ids (B*r, L), prompt included, r consecutive rows per image, [PAD] after [SEP]."""
@@ -404,6 +447,56 @@ def build_tiny_blip(seed: int = 0, image_size: int = 64):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(tiny_blip_config(image_size)).eval()
     return model, build_blip_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------
+# GIT (the paper's captioner ablation)
+
+
+class GitCaptioner(Captioner):
+    """transformers ``GitForCausalLM`` (e.g. microsoft/git-base) sampling with BLIP's settings.
+
+    GIT has no prompt: generation starts from [CLS]; nucleus sampling top_p 0.9 (top-k 50),
+    repetition penalty 1.1, r sequences per image, max_length 20 and min_length 5 counted with
+    [CLS], through transformers' ``generate`` (GIT has no fast loop). The image transform is the
+    checkpoint's own (CLIP-style: shortest side, centre crop, its mean/std).
+    """
+
+    def __init__(self, model, tokenizer, *, name: str = "git", description: str = "GIT captioner",
+                 device: str | None = "cpu", precision: str = "fp32", image_size: int = 224,
+                 resize: int | None = None, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 settings: GenerationSettings = GenerationSettings(), weights_info: dict | None = None):
+        self.device, self.precision = _check_device_precision(device, precision)
+        self.dtype = _dtype(self.precision)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.name, self.description = name, description
+        self.settings = settings
+        self.weights_info = dict(weights_info or {})
+        self.preprocess = ImageTransform(image_size, resize=resize, mean=mean, std=std)
+
+    def caption_pixels(self, pixel_values, num_captions=8, *, generator=None, seed=None):
+        import torch
+
+        r = _check_r(num_captions)
+        _check_pixels(pixel_values, self.preprocess.size)
+        seed = _seed_from(generator, seed)
+        s = self.settings
+        with torch.inference_mode(), seeded(seed, self.device):
+            ids = self.model.generate(
+                pixel_values=pixel_values.to(self.device, self.dtype), do_sample=True, num_beams=1,
+                top_p=s.top_p, top_k=s.top_k, temperature=s.temperature, num_return_sequences=r,
+                repetition_penalty=s.repetition_penalty, max_length=s.max_length, min_length=s.min_length,
+                bos_token_id=self.model.config.bos_token_id, eos_token_id=self.model.config.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+        return [texts[i * r:(i + 1) * r] for i in range(pixel_values.shape[0])]
+
+    def identity(self) -> dict:
+        return {"name": self.name, "description": self.description, "weights": self.weights_info,
+                "precision": self.precision, "generation": {**asdict(self.settings), "prompt": ""},
+                "decoding": "transformers generate"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +616,7 @@ CAPTIONERS: dict[str, Callable[..., Captioner]] = {
     "blip-base-129m": _build_blip_original("blip-base-129m"),
     "label": _build_label,
     "tiny": _build_tiny,
+    "git-base": lambda **kw: _build_hf("microsoft/git-base")(**kw),
 }
 
 
@@ -544,35 +638,67 @@ def build_captioner(
         if name.startswith(("http://", "https://")) or name.endswith((".pth", ".pt")) or os.path.isfile(name):
             builder, weights = _build_blip_original("blip-base-14m"), name  # an original BLIP checkpoint
         elif os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):
-            builder = _build_blip_hf(name)  # a transformers folder or hub id
+            builder = _build_hf(name)  # a transformers folder or hub id (BLIP or GIT)
         else:
             raise UserError(
                 f"unknown captioner {name!r}: give one of {', '.join(CAPTIONERS)}, a BLIP checkpoint file or URL, "
-                "a transformers BLIP folder, or a hub id such as Salesforce/blip-image-captioning-base"
+                "a transformers BLIP or GIT folder, or a hub id such as Salesforce/blip-image-captioning-base "
+                "or microsoft/git-base"
             )
     return builder(device=device, precision=precision, weights=weights, cache_dir=cache_dir, **options)
 
 
-def _build_blip_hf(source: str) -> Callable[..., Captioner]:
-    """A transformers ``BlipForConditionalGeneration`` from a local folder or the hub, by id."""
+def _side(value, key: str) -> int | None:
+    """A size from an image processor's setting: an int, a dict or a SizeDict."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    got = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    return None if got is None else int(got)
+
+
+def _build_hf(source: str) -> Callable[..., Captioner]:
+    """A transformers BLIP (``BlipForConditionalGeneration``) or GIT (``GitForCausalLM``) from a
+    local folder or the hub, by id; the folder's config says which."""
 
     def build(device=None, precision=None, weights=None, cache_dir=None, max_sequences_per_call=None, progress=True,
-          decoding="fast"):
+              decoding="fast"):
         _no_weights(source, weights)
-        from transformers import AutoTokenizer, BlipForConditionalGeneration
+        import os
 
+        from transformers import AutoConfig, AutoTokenizer
+
+        # offline: look in the cache only, at once (no retries against an unreachable hub)
+        kw = {"cache_dir": cache_dir, "local_files_only": os.environ.get("HF_HUB_OFFLINE") == "1"}
         try:
-            model = BlipForConditionalGeneration.from_pretrained(source, cache_dir=cache_dir)
-            tok = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+            kind = AutoConfig.from_pretrained(source, **kw).model_type
+            if kind == "git":
+                from transformers import AutoImageProcessor, GitForCausalLM
+
+                model = GitForCausalLM.from_pretrained(source, **kw)
+                images = AutoImageProcessor.from_pretrained(source, **kw)
+            elif kind == "blip":
+                from transformers import BlipForConditionalGeneration
+
+                model = BlipForConditionalGeneration.from_pretrained(source, **kw)
+            else:
+                raise UserError(f"{source!r} is a {kind!r} model; captioners are BLIP or GIT")
+            tok = AutoTokenizer.from_pretrained(source, **kw)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load the BLIP captioner {source!r}: {first}") from None
+            raise UserError(f"cannot load the captioner {source!r}: {first}") from None
+        info = {"source": source, "revision": getattr(model.config, "_commit_hash", None)}
+        if kind == "git":
+            size = _side(images.crop_size, "height") or 224
+            edge = _side(images.size, "shortest_edge") or size
+            return GitCaptioner(model, tok, name=source, description=f"transformers GitForCausalLM {source}",
+                                device=device, precision=precision or "fp32", image_size=size, resize=edge,
+                                mean=images.image_mean, std=images.image_std, weights_info=info)
         return BlipCaptioner(
             model, tok, name=source,
             description=f"transformers BlipForConditionalGeneration {source}",
             device=device, precision=precision or "fp32",
             max_sequences_per_call=max_sequences_per_call,
-            weights_info={"source": source, "revision": getattr(model.config, "_commit_hash", None)},
+            weights_info=info,
             decoding=decoding,
         )
 

@@ -105,6 +105,7 @@ class InProcessEngine:
 
     def __init__(self, scorer=None, scorer_factory=None):
         self.scorer = scorer
+        self.owns_scorer = scorer is None  # a scorer handed in stays open for its owner's next run
         self.factory = _scorer_factory(scorer_factory)
         self._info: dict = {}
 
@@ -133,7 +134,8 @@ class InProcessEngine:
         return {"engine": self.name, **self._info}
 
     def close(self) -> None:
-        pass
+        if self.owns_scorer and self.scorer is not None and hasattr(self.scorer, "close"):
+            self.scorer.close()
 
 
 # -- one process per device --------------------------------------------------------------------

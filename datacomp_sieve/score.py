@@ -20,6 +20,10 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
+#: images per captioning call on a GPU by default (H100 measurements in bench/RESULTS.md)
+GPU_BATCH_SIZE = 256
+
+
 @dataclass
 class ScoreConfig:
     """Everything that changes the scores. Two runs with equal configs give equal stores."""
@@ -33,7 +37,7 @@ class ScoreConfig:
     device: str | None = None
     precision: str | None = None
     decoding: str = "fast"
-    batch_size: int = 16
+    batch_size: int | None = None  # 16 on the CPU (the reference's), GPU_BATCH_SIZE on GPUs
     seed: int = 0
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
 
@@ -56,9 +60,10 @@ class ScoreConfig:
             raise UserError(f"--decoding must be fast or reference, got {self.decoding}")
         if self.num_captions < 1:
             raise UserError(f"--num_captions must be at least 1, got {self.num_captions}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch_size must be at least 1, got {self.batch_size}")
-        return ScoreConfig(**{**asdict(self), "device": device, "precision": precision})
+        batch_size = self.batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else 16)
+        if batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+        return ScoreConfig(**{**asdict(self), "device": device, "precision": precision, "batch_size": batch_size})
 
     def identity(self) -> dict:
         """What the store checks before adding shards: every setting that changes the numbers.
@@ -72,6 +77,34 @@ def shard_seed(seed: int, stem: str) -> int:
     """A shard's own seed: results do not depend on which worker runs which shard, or when."""
     h = hashlib.sha256(f"{seed}:{stem}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+#: samples per task sent to a decoding process
+_CHUNK = 16
+
+
+def _chunks(items, n: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decode_chunk(images: list, transform, max_pixels) -> list:
+    """In a decoding process: encoded images -> (status, error, uint8 crop or None) each."""
+    from .shards import ImageError, decode_image
+
+    out = []
+    for data in images:
+        try:
+            out.append(("ok", None, transform.to_uint8(decode_image(data, max_pixels=max_pixels))))
+        except ImageError as e:
+            out.append((e.code, str(e), None))
+    return out
 
 
 @dataclass
@@ -94,9 +127,17 @@ class ShardScorer:
         # on a GPU the sentence encoder runs in the captioner's half precision
         self.text = TextEncoder(cfg.text_encoder, device=cfg.device,
                                 precision=cfg.precision if str(cfg.device).startswith("cuda") else "fp32")
-        #: threads decoding images ahead of the models: on a GPU, where decoding would otherwise
-        #: starve it; on the CPU the models want every core
-        self.decode_threads = min(8, os.cpu_count() or 1) if str(cfg.device).startswith("cuda") else 0
+        on_gpu = str(cfg.device).startswith("cuda")
+        #: On a GPU, images are decoded ahead of the models (in the main process, decoding would
+        #: starve the GPU): in ``decode_workers`` processes where the captioner's transform allows
+        #: (uint8 crops come back and are normalised on the GPU), else in ``decode_threads``
+        #: threads. On the CPU the models want every core: 0 and 0, decoding in line.
+        self.decode_workers = max(1, min(32, (os.cpu_count() or 1) - 2)) if on_gpu else 0
+        self.decode_threads = min(8, os.cpu_count() or 1) if on_gpu else 0
+        #: On a GPU, a batch's captions are turned into text and scored on a thread while the
+        #: model captions the next batch.
+        self.overlap_text = on_gpu
+        self._pool = None
         self.clip = None
         if cfg.clip_model:
             from .clip import ClipScorer
@@ -122,18 +163,37 @@ class ShardScorer:
             return sample, e.code, str(e), None, None
         return sample, "ok", None, image, self.captioner.preprocess(image)
 
+    def _in_processes(self) -> bool:
+        """Whether images are decoded in processes: asked for, the captioner's transform can
+        send uint8 crops, no CLIP model needs the PIL images, and this process may have children."""
+        import multiprocessing
+
+        from .caption import ImageTransform
+
+        return (self.decode_workers > 0 and isinstance(self.captioner.preprocess, ImageTransform)
+                and self.clip is None and not multiprocessing.current_process().daemon)
+
     def _prepared(self, samples):
-        """``_prepare`` over ``samples``, in order. With ``decode_threads`` > 0, decoding and
-        preprocessing run that many samples ahead in a thread pool (PIL and torch release the
-        GIL), overlapping the models' work; at most ``4 * batch_size`` samples are in flight."""
+        """``_prepare`` over ``samples``, in order, with decoding ahead of the models in
+        processes or threads (see ``decode_workers``); at most ``4 * batch_size`` samples ahead.
+        From processes, ``pixels`` is a uint8 crop (``ImageTransform.to_uint8``) and ``image`` None."""
+        from collections import deque
+
+        limit = 4 * self.config.batch_size
+        ahead = deque()
+        if self._in_processes():
+            for chunk in _chunks(samples, _CHUNK):
+                ahead.append((chunk, self._submit(chunk)))
+                if len(ahead) * _CHUNK >= limit:
+                    yield from self._decoded(*ahead.popleft())
+            while ahead:
+                yield from self._decoded(*ahead.popleft())
+            return
         if not self.decode_threads:
             yield from map(self._prepare, samples)
             return
-        from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        ahead = deque()
-        limit = 4 * self.config.batch_size
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
             for sample in samples:
                 ahead.append(pool.submit(self._prepare, sample))
@@ -142,7 +202,54 @@ class ShardScorer:
             while ahead:
                 yield ahead.popleft().result()
 
+    def _submit(self, chunk):
+        images = [s.image for s in chunk if s.status == "ok"]
+        if not images:
+            return None
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the parent holds CUDA, which forked children must not inherit
+            self._pool = ProcessPoolExecutor(self.decode_workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool.submit(_decode_chunk, images, self.captioner.preprocess, self.config.max_image_pixels)
+
+    def _decoded(self, chunk, future):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            done = iter(future.result() if future is not None else ())
+        except BrokenProcessPool:
+            self.close()
+            raise RuntimeError("an image-decoding process died (a crash in the image library?); "
+                               "the shard is not written, rerun to retry it") from None
+        for sample in chunk:
+            if sample.status != "ok":
+                yield sample, sample.status, sample.error, None, None
+            else:
+                status, error, pixels = next(done)
+                yield sample, status, error, None, pixels
+
+    def _text_stream(self):
+        """A context running the text encoder on its own CUDA stream when it overlaps captioning."""
+        import contextlib
+
+        import torch
+
+        if not (self.overlap_text and str(self.config.device).startswith("cuda")):
+            return contextlib.nullcontext()
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(device=self.config.device)
+        return torch.cuda.stream(self._stream)
+
+    def close(self) -> None:
+        """Stop the decoding processes (started again when needed)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
     def score(self, shard, progress=None) -> ShardResult:
+        import numpy as np
         import pyarrow as pa
         import torch
 
@@ -158,54 +265,89 @@ class ShardScorer:
         timings = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
         pending: list = []  # (row index, image, pixels, alt-text)
 
-        def flush():
-            if not pending:
-                return
-            idx, images, pixels, texts = zip(*pending)
+        on_gpu = str(cfg.device).startswith("cuda")
+        texts_ahead = None  # the text half of the previous batch, running on a thread
+
+        def text_half(idx, images, texts, captions):
             t = time.time()
-            caps = self.captioner.caption_pixels(torch.stack(pixels), cfg.num_captions, generator=gen)
-            timings["caption"] += time.time() - t
-            t = time.time()
-            best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
+            caps = captions()
+            with self._text_stream():  # on its own CUDA stream: not queued behind the next batch's captioning
+                best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
             timings["text"] += time.time() - t
+            clip = None
             if self.clip is not None:
                 t = time.time()
                 clip = self.clip.score(list(images), list(texts))
                 timings["clip"] += time.time() - t
+            return idx, caps, best, mean, which, clip
+
+        def fill(idx, caps, best, mean, which, clip):
             for j, i in enumerate(idx):
                 rows["sieve_score"][i] = float(best[j])
                 rows["sieve_mean"][i] = float(mean[j])
                 rows["captions"][i] = list(caps[j])
                 rows["best_caption"][i] = caps[j][int(which[j])]
-                if self.clip is not None:
+                if clip is not None:
                     rows["clip_score"][i] = float(clip[j])
             if progress is not None:
                 progress.update(len(idx))
-            pending.clear()
 
-        t = time.time()
-        for sample, status, error, image, pixels in self._prepared(iter_samples(shard)):
-            i = len(rows["uid"])
-            rows["uid"].append(sample.uid)
-            rows["key"].append(sample.key)
-            for k in ("sieve_score", "sieve_mean", "best_caption", "captions") + (("clip_score",) if self.clip else ()):
-                rows[k].append(None)
-            text = sample.text if sample.text is not None else ""
-            if status == "ok" and sample.uid is None:
-                status, error = "no_uid", "sample has no uid in its json"
-            rows["status"].append(status)
-            rows["error"].append(error)
-            counts[status] = counts.get(status, 0) + 1
-            if image is not None and status == "ok":
-                pending.append((i, image, pixels, text))
-                if len(pending) >= cfg.batch_size:
-                    timings["read"] += time.time() - t
-                    flush()
-                    t = time.time()
-            elif progress is not None:
-                progress.update(1)
-        timings["read"] += time.time() - t
-        flush()
+        def flush():
+            nonlocal texts_ahead
+            if not pending:
+                return
+            idx, images, pixels, texts = zip(*pending)
+            pending.clear()
+            t = time.time()
+            if getattr(pixels[0], "dtype", None) == np.uint8:  # crops from the decoding processes
+                batch = torch.from_numpy(np.stack(pixels))
+                if on_gpu and cfg.precision != "fp32":  # 4x fewer bytes to move; rounded to half anyway
+                    batch = batch.pin_memory().to(cfg.device, non_blocking=True)
+                stacked = self.captioner.preprocess.normalize(batch)  # fp32: on the CPU, as the reference
+            else:
+                stacked = torch.stack(pixels)
+            captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
+            timings["caption"] += time.time() - t
+            if texts_ahead is not None:
+                fill(*texts_ahead.result())
+                texts_ahead = None
+            if text_thread is not None:
+                texts_ahead = text_thread.submit(text_half, idx, images, texts, captions)
+            else:
+                fill(*text_half(idx, images, texts, captions))
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        text_thread = ThreadPoolExecutor(1, thread_name_prefix="text") if self.overlap_text else None
+        try:
+            t = time.time()
+            for sample, status, error, image, pixels in self._prepared(iter_samples(shard)):
+                i = len(rows["uid"])
+                rows["uid"].append(sample.uid)
+                rows["key"].append(sample.key)
+                for k in ("sieve_score", "sieve_mean", "best_caption", "captions") + (("clip_score",) if self.clip else ()):
+                    rows[k].append(None)
+                text = sample.text if sample.text is not None else ""
+                if status == "ok" and sample.uid is None:
+                    status, error = "no_uid", "sample has no uid in its json"
+                rows["status"].append(status)
+                rows["error"].append(error)
+                counts[status] = counts.get(status, 0) + 1
+                if status == "ok":
+                    pending.append((i, image, pixels, text))
+                    if len(pending) >= cfg.batch_size:
+                        timings["read"] += time.time() - t
+                        flush()
+                        t = time.time()
+                elif progress is not None:
+                    progress.update(1)
+            timings["read"] += time.time() - t
+            flush()
+            if texts_ahead is not None:
+                fill(*texts_ahead.result())
+        finally:
+            if text_thread is not None:
+                text_thread.shutdown(cancel_futures=True)
         table = pa.table(rows, schema=schema(self.clip is not None))
         report = getattr(shard, "report", None)
         stats = {

@@ -70,6 +70,8 @@ class TextEncoder:
             model = model.half()
         elif precision == "bf16":
             model = model.to(torch.bfloat16)
+        else:  # fp32 even when the folder stores its weights in half precision
+            model = model.float()
         self.model = model.eval()
         self.device, self.batch_size, self.precision = str(device), int(batch_size), precision
         self.source, self.note = res.source, res.note

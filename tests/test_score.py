@@ -192,12 +192,20 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     # another seed samples other captions
     score_pool(str(toy_pool / "shards"), str(tmp_path / "c"), ScoreConfig(**{**cfg.__dict__, "seed": 1}), progress=False)
     assert [r["captions"] for r in read(tmp_path / "c")] != [r["captions"] for r in rows]
-    # decoding ahead in threads (what a GPU run does) changes nothing
+    # what a GPU run does changes nothing: decoding ahead in threads; decoding in processes
+    # (uint8 crops normalised afterwards) with the text half of each batch on a thread
     threaded = ShardScorer(cfg)
     threaded.decode_threads = 3
     score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), cfg, progress=False, scorer=threaded)
-    for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "d").glob("*.parquet"))):
-        assert pq.read_table(x).equals(pq.read_table(y))
+    in_processes = ShardScorer(cfg)
+    in_processes.decode_workers, in_processes.overlap_text = 2, True
+    assert in_processes._in_processes()
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "p"), cfg, progress=False, scorer=in_processes)
+    assert in_processes._pool is not None  # a scorer handed in keeps its processes for the next run
+    in_processes.close()
+    for other in ("d", "p"):
+        for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / other).glob("*.parquet"))):
+            assert pq.read_table(x).equals(pq.read_table(y))
     # the reference decoding: same store layout and statuses, its own (deterministic) captions
     ref = ScoreConfig(**{**cfg.__dict__, "decoding": "reference"})
     m = score_pool(str(toy_pool / "shards"), str(tmp_path / "e"), ref, progress=False)
