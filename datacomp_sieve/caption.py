@@ -214,6 +214,16 @@ class Captioner(ABC):
         captions = self.caption_pixels(pixel_values, num_captions, generator=generator, seed=seed)
         return lambda: captions
 
+    def _load(self, model, tokenizer, name, description, device, precision, settings, weights_info) -> None:
+        """A transformers captioning model on its device and precision, with its tokenizer."""
+        self.device, self.precision = _check_device_precision(device, precision)
+        self.dtype = _dtype(self.precision)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.name, self.description = name, description
+        self.settings = settings
+        self.weights_info = dict(weights_info or {})
+
     def identity(self) -> dict:
         """What determines the captions (for provenance records)."""
         return {"name": self.name, "description": self.description}
@@ -321,14 +331,8 @@ class BlipCaptioner(Captioner):
         if decoding not in DECODINGS:
             raise UserError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         self.decoding = decoding
-        self.device, self.precision = _check_device_precision(device, precision)
-        self.dtype = _dtype(self.precision)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.tokenizer = tokenizer
-        self.name, self.description = name, description
-        self.settings = settings
+        self._load(model, tokenizer, name, description, device, precision, settings, weights_info)
         self.max_sequences_per_call = max_sequences_per_call
-        self.weights_info = dict(weights_info or {})
         size = image_size or model.config.vision_config.image_size
         self.preprocess = ImageTransform(size)
 
@@ -466,13 +470,7 @@ class GitCaptioner(Captioner):
                  device: str | None = "cpu", precision: str = "fp32", image_size: int = 224,
                  resize: int | None = None, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                  settings: GenerationSettings = GenerationSettings(), weights_info: dict | None = None):
-        self.device, self.precision = _check_device_precision(device, precision)
-        self.dtype = _dtype(self.precision)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.tokenizer = tokenizer
-        self.name, self.description = name, description
-        self.settings = settings
-        self.weights_info = dict(weights_info or {})
+        self._load(model, tokenizer, name, description, device, precision, settings, weights_info)
         self.preprocess = ImageTransform(image_size, resize=resize, mean=mean, std=std)
 
     def caption_pixels(self, pixel_values, num_captions=8, *, generator=None, seed=None):

@@ -161,7 +161,7 @@ class ShardScorer:
             image = decode_image(sample.image, max_pixels=self.config.max_image_pixels)
         except ImageError as e:
             return sample, e.code, str(e), None, None
-        return sample, "ok", None, image, self.captioner.preprocess(image)
+        return sample, "ok", sample.error, image, self.captioner.preprocess(image)  # error: a note (bad UTF-8)
 
     def _in_processes(self) -> bool:
         """Whether images are decoded in processes: asked for, the captioner's transform can
@@ -228,7 +228,7 @@ class ShardScorer:
                 yield sample, sample.status, sample.error, None, None
             else:
                 status, error, pixels = next(done)
-                yield sample, status, error, None, pixels
+                yield sample, status, error if status != "ok" else sample.error, None, pixels
 
     def _text_stream(self):
         """A context running the text encoder on its own CUDA stream when it overlaps captioning."""

@@ -186,6 +186,16 @@ def test_scorer_gives_every_broken_sample_a_row(tmp_path):
     assert rows["000000005"]["status"] == "no_uid" and rows["000000005"]["uid"] is None
     assert rows["000000006"]["status"] == "ok" and rows["000000007"]["status"] == "ok"
     assert m["tar"]["members"] == 23
+    # the same rows when images are decoded in processes and the text half runs on a thread (GPU runs)
+    from datacomp_sieve.score import ShardScorer
+
+    cfg = ScoreConfig(captioner="label", device="cpu", num_captions=2, max_image_pixels=50_000_000)
+    scorer = ShardScorer(cfg)
+    scorer.decode_workers, scorer.overlap_text = 2, True
+    score_pool(str(shards), str(tmp_path / "in_processes"), cfg, progress=False, scorer=scorer)
+    scorer.close()
+    assert (pq.read_table(tmp_path / "in_processes" / "00000000.parquet")
+            .equals(pq.read_table(tmp_path / "store" / "00000000.parquet")))
 
 
 def test_coverage_counts_both_sides(toy_pool, tmp_path):
