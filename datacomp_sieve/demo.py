@@ -1,4 +1,4 @@
-"""The one-command demo: toy pool -> Sieve scores -> uid subset, and what was kept and dropped.
+"""The one-command demo: toy pool -> Sieve scores -> uid subset -> HTML report of what was kept and dropped.
 
 Uses BLIP and CLIP when their weights can be had (local cache or network) and otherwise the
 offline label captioner (and Sieve alone when there is no CLIP), and says so first.
@@ -71,24 +71,31 @@ def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, 
     chosen, clip, notes = choose_models()
     if captioner:
         chosen = captioner
-        notes[0] = f"captioner: {captioner} (asked for)"
+        notes[0] = f"captioner: {captioner} (asked for)" + (
+            ": the OFFLINE STAND-IN (ImageNet labels as 'a photo of a {label}'), not BLIP" if captioner == "label" else "")
     say = (lambda m: print(m, file=sys.stderr, flush=True))
     print("datacomp-sieve demo")
     for n in notes:
         print(f"  {n}")
-    say("1/3 building the toy pool (img2dataset from a loopback server)")
+    say("1/4 building the toy pool (img2dataset from a loopback server)")
     build_toy_pool(out / "pool", clip=clip, progress=False)
-    say("2/3 scoring with Sieve")
+    say("2/4 scoring with Sieve")
     config = ScoreConfig(captioner=chosen, device="cpu" if chosen == "label" else None,
-                         batch_size=8 if chosen == "label" else 16)
+                         batch_size=8 if chosen == "label" else None)
     manifest = score_pool(str(out / "pool" / "shards"), str(out / "scores"), config, progress=progress)
-    say("3/3 selecting")
+    say("3/4 selecting")
     name = "sieve_clip" if clip != "none" else "sieve"
     subset = out / f"{name}_{int(fraction * 100)}.npy"
     args = ["--name", name, "--fraction", str(fraction), "--scores_dir", str(out / "scores"),
             "--metadata_dir", str(out / "pool" / "metadata"), "--save_path", str(subset), "--quiet"]
     if baselines_main(args) != 0:
         raise UserError("selection failed; see the message above")
+    say("4/4 writing the report")
+    from .report import write_report
+
+    report = write_report(str(out / "scores"), str(out / "pool" / "shards"), out / "report",
+                          metadata_dir=str(out / "pool" / "metadata"), subset=str(subset), fraction=fraction,
+                          notes=["datacomp-sieve demo on the toy pool"] + notes, progress=progress)
 
     import numpy as np
     import pyarrow.parquet as pq
@@ -108,7 +115,7 @@ def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, 
     scored.sort(key=lambda r: -r["sieve_score"])
     summary = {"out": str(out), "pool": str(out / "pool"), "scores": str(out / "scores"), "subset": str(subset),
                "filter": name, "captioner": chosen, "clip": clip, "scored": len(scored),
-               "kept": len(kept), "status": manifest["status"]}
+               "kept": len(kept), "status": manifest["status"], "report": report["index"]}
     (out / MARKER).write_text(json.dumps(summary, indent=1))
 
     def show(title, items):
@@ -127,4 +134,7 @@ def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, 
     print(f"\npool:    {out / 'pool'} (metadata/, shards/)")
     print(f"scores:  {out / 'scores'} (one parquet per shard, manifest.json)")
     print(f"subset:  {subset} ({len(kept)} of {len(scored)} scored samples; DataComp's u8,u8 uid file)")
+    print(f"report:  {report['index']} (open it in a browser, from disk: score histograms with the threshold, "
+          f"galleries of kept, dropped and borderline samples with their captions and masked phrases, "
+          f"counts and the run's models)")
     return summary

@@ -356,6 +356,7 @@ def select(
     tmp_dir: str | None = None,
     progress: bool = True,
     sink=None,
+    table=None,
 ) -> Selection:
     """Keep the rows whose fused score is at least a threshold, given or derived from a fraction.
 
@@ -363,15 +364,18 @@ def select(
     of the scores sorted in descending order (DataComp's convention; fraction 1.0 keeps all).
     ``count_missing=True`` counts rows lacking a score in N as DataComp's clip_score baseline
     does (they sort last); otherwise N is the number of rows that have every score. The kept
-    uids go to ``sink.add(keys)`` (a ``uids.SubsetWriter``).
+    uids go to ``sink.add(keys)`` (a ``uids.SubsetWriter``). ``table``: an ``open_table(terms)``
+    to reuse for further passes (the caller closes it); by default one is opened and closed here.
     """
     if (fraction is None) == (threshold is None):
         raise UserError("give exactly one of --fraction and --threshold")
-    table = open_table(terms, tmp_dir, progress)
+    own = table is None
+    table = open_table(terms, tmp_dir, progress) if own else table
     try:
         return _select(table, terms, fraction, threshold, normalize, count_missing, progress, sink)
     finally:
-        table.close()
+        if own:
+            table.close()
 
 
 def _select(table, terms, fraction, threshold, normalize, count_missing, progress, sink) -> Selection:

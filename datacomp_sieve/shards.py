@@ -463,6 +463,53 @@ def scan_shard(shard: Shard) -> ShardReport:
     return shard.report
 
 
+def read_samples(shard: Shard, keys) -> dict[str, Sample]:
+    """The samples of the given keys only (key -> ``Sample``), for showing a few of a shard.
+
+    The tar is opened for random access: its headers are walked and the other members' data is
+    skipped with seeks, so a few samples of a 10,000-sample shard cost a few kB of reads each,
+    not the whole tar. Reading stops once every key was passed. Keys not in the tar are absent
+    from the result; a broken tar ends the search at the break (what was found is returned).
+    Samples are built as ``iter_samples`` builds them (same fields, status and reasons).
+    """
+    want = set(keys)
+    found: dict[str, Sample] = {}
+    if not want:
+        return found
+    fs, path = _fs_path(shard)
+    report = ShardReport()  # a scratch report: only the samples matter here
+    group: _Group | None = None
+    try:
+        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            while True:
+                member = tar.next()
+                tar.members = []
+                if member is None:
+                    break
+                key, ext = split_key(member.name) if member.isfile() else (None, "")
+                if group is not None and key != group.key:
+                    found[group.key] = _finish(group, report)
+                    group = None
+                    if len(found) == len(want):
+                        break
+                if key not in want:
+                    continue
+                if group is None:
+                    group = _Group(key)
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                group.add(ext, data, member.name, report)
+    except (tarfile.TarError, EOFError) as e:
+        log.warning("shard %s: reading stopped early (%s); %d of %d sample(s) found",
+                    shard.stem, str(e) or type(e).__name__, len(found), len(want))
+        group = None  # the break may have cut it
+    if group is not None:
+        found[group.key] = _finish(group, report)
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # images
 

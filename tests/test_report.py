@@ -1,0 +1,551 @@
+"""The HTML report (datacomp_sieve.report, `datacomp-sieve report`) and the demo that writes one.
+
+Synthetic stores check the numbers against brute force; the toy pool, with script and attribute
+injections in its alt-texts, json and captions, checks escaping; a real headless Chromium checks
+that the page loads without a console error, that every gallery image renders and that nothing
+runs (its screenshot is kept in test-artifacts/report/).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import io
+import json
+import os
+import select as select_fd
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datacomp_sieve import cli
+from datacomp_sieve.errors import UserError
+from datacomp_sieve.report import _highlight, esc, write_report
+from datacomp_sieve.uids import keys_from_strings, write_subset
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "report"
+sys.path.insert(0, str(ROOT / "bench"))
+from synth_store import random_uids  # noqa: E402
+
+SCRIPT_TEXT = "<script>window.__pwned=1</script> a photo of a cup of espresso"
+ATTR_TEXT = '" onerror="window.__pwned=2" x=" stock photo of a tabby cat'
+URL_TEXT = 'javascript:window.__pwned=3//"><img src=x onerror="window.__pwned=4">'
+CAPTION_TEXT = '<img src=x onerror="window.__pwned=5"> a photo of a dog'
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic stores
+
+
+def synth_store(folder: Path, n: int = 20_000, files: int = 4, seed: int = 0) -> dict:
+    """A score store with clip_score, failures by reason, several row groups per file."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    per = n // files
+    cols: dict = {"uid": [], "sieve": [], "clip": [], "status": []}
+    for i in range(files):
+        uid = random_uids(rng, per).to_pylist()
+        sieve = rng.beta(2.0, 3.0, per).astype(np.float32)
+        clip = rng.normal(0.3, 0.05, per).astype(np.float32)
+        status = np.array(["ok"] * per, dtype=object)
+        r = rng.random(per)
+        status[r < 0.02] = "no_image"
+        status[(r >= 0.02) & (r < 0.03)] = "corrupt_image"
+        bad = status != "ok"
+        table = pa.table({
+            "uid": uid,
+            "key": [f"{i:04d}{j:05d}" for j in range(per)],
+            "sieve_score": pa.array(sieve, mask=bad),
+            "sieve_mean": pa.array(sieve / 2, mask=bad),
+            "best_caption": pa.array([f"a photo of thing {j}" for j in range(per)], mask=bad),
+            "captions": pa.array([[f"a photo of thing {j}", "an image"] for j in range(per)], mask=bad),
+            "clip_score": pa.array(clip, mask=bad),
+            "status": list(status),
+            "error": [None if s == "ok" else "broken" for s in status],
+        })
+        pq.write_table(table, folder / f"{i:08d}.parquet", row_group_size=1500)
+        cols["uid"] += uid
+        cols["sieve"].append(np.where(bad, np.nan, sieve).astype(np.float32))
+        cols["clip"].append(np.where(bad, np.nan, clip).astype(np.float32))
+        cols["status"] += list(status)
+    return {"uid": np.array(cols["uid"]), "sieve": np.concatenate(cols["sieve"]),
+            "clip": np.concatenate(cols["clip"]), "status": np.array(cols["status"])}
+
+
+def brute_fused(d: dict, alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    ok = ~np.isnan(d["sieve"]) & ~np.isnan(d["clip"])
+    s, c = d["sieve"][ok], d["clip"][ok]
+    sn = (s - s.min()) / (s.max() - s.min())
+    cn = (c - c.min()) / (c.max() - c.min())
+    return ok, np.float32(1 - alpha) * sn + np.float32(alpha) * cn
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth_report")
+    data = synth_store(root / "store")
+    return root, data
+
+
+def test_counts_threshold_and_galleries_match_brute_force(synth, tmp_path):
+    root, d = synth
+    s = write_report(str(root / "store"), None, tmp_path / "r", per_section=10, scatter_points=500,
+                     progress=False)
+    ok, fused = brute_fused(d)
+    n = int(ok.sum() * 0.2)
+    thr = np.sort(fused)[::-1][n]
+    kept = fused >= thr
+    c = s["counts"]
+    assert c["store_rows"] == len(d["uid"]) and c["pool"] is None
+    assert c["scored"] == int(ok.sum())
+    assert c["failed"] == {k: int((d["status"] == k).sum()) for k in ("corrupt_image", "no_image")}
+    assert c["kept"] == int(kept.sum()) and s["threshold"] == pytest.approx(float(thr))
+    assert s["filter"] == "sieve_clip" and "store" in s["clip_source"]
+
+    uids = d["uid"][ok]
+    order = np.argsort(-fused, kind="stable")
+    sec = s["sections"]
+    assert sec["kept_top"]["uids"] == list(uids[order[:10]])
+    assert sec["dropped_bottom"]["uids"] == list(uids[order[::-1][:10]])
+    n_kept = int(kept.sum())
+    assert set(sec["border_kept"]["uids"]) == set(uids[order[n_kept - 5:n_kept]])
+    assert set(sec["border_dropped"]["uids"]) == set(uids[order[n_kept:n_kept + 5]])
+    assert sec["scatter"] == {"eligible": int(ok.sum()), "shown": 500}
+    for name, k in (("kept_top", 10), ("dropped_bottom", 10), ("border_kept", 5), ("border_dropped", 5),
+                    ("clip_not_sieve", 10), ("sieve_not_clip", 10)):
+        assert len(sec[name]["uids"]) == sec[name]["shown"] == k
+
+    # disagreements: each score alone keeps the same fraction (thresholds from the histograms)
+    t = s["alone_thresholds"]
+    by_uid = {u: (a, b) for u, a, b in zip(d["uid"], d["sieve"], d["clip"])}
+    eps = 1e-5
+    for u in sec["clip_not_sieve"]["uids"]:
+        assert by_uid[u][1] >= t["clip"] - eps and by_uid[u][0] < t["sieve"] + eps
+    for u in sec["sieve_not_clip"]["uids"]:
+        assert by_uid[u][0] >= t["sieve"] - eps and by_uid[u][1] < t["clip"] + eps
+    s_alone = d["sieve"][ok] >= np.sort(d["sieve"][ok])[::-1][n]
+    c_alone = d["clip"][ok] >= np.sort(d["clip"][ok])[::-1][n]
+    exact = int((c_alone & ~s_alone).sum())
+    assert abs(sec["clip_not_sieve"]["eligible"] - exact) <= 0.01 * exact + 5
+
+    # the report's "kept" is what the filter writes
+    rc = cli.main(["filter", "--name", "sieve_clip", "--clip_from", "store", "--scores_dir", str(root / "store"),
+                   "--save_path", str(tmp_path / "sub.npy"), "--quiet"])
+    assert rc == 0 and len(np.load(tmp_path / "sub.npy")) == c["kept"]
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "500 of" in page and "sampled uniformly" in page  # says how much it sampled
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["counts"] == c
+
+
+def test_uniform_samples_depend_on_the_seed_only(synth, tmp_path):
+    root, _ = synth
+    runs = [write_report(str(root / "store"), None, tmp_path / f"r{i}", per_section=8, seed=seed, progress=False)
+            for i, seed in enumerate((1, 1, 2))]
+    pick = [r["sections"]["sieve_not_clip"]["uids"] for r in runs]
+    assert pick[0] == pick[1] != pick[2]
+    assert runs[0]["sections"]["kept_top"] == runs[2]["sections"]["kept_top"]
+
+
+def test_subset_decides_what_is_kept(synth, tmp_path):
+    root, d = synth
+    ok = ~np.isnan(d["sieve"])
+    chosen = list(d["uid"][ok][::97])
+    failed = list(d["uid"][~ok][:3])  # in the subset but unscored: not counted as kept
+    strangers = ["f" * 32, "0" * 32]
+    write_subset(tmp_path / "sub.npy", keys_from_strings(chosen + failed + strangers))
+    s = write_report(str(root / "store"), None, tmp_path / "r", subset=str(tmp_path / "sub.npy"), per_section=6,
+                     progress=False)
+    assert s["counts"]["kept"] == len(chosen)
+    assert s["counts"]["subset_uids"] == len(chosen) + len(failed) + len(strangers)
+    assert s["threshold"] is None and s["fraction"] == pytest.approx(len(chosen) / s["counts"]["scored"])
+    assert set(s["sections"]["kept_top"]["uids"]) <= set(chosen)
+    assert not set(s["sections"]["dropped_bottom"]["uids"]) & set(chosen)
+    assert "uids in" in s["selection"]
+
+
+def test_sieve_alone_when_there_is_no_clipscore(tmp_path):
+    from synth_store import write_folder
+
+    write_folder(str(tmp_path / "store"), rows=3000, files=2, seed=3)
+    s = write_report(str(tmp_path / "store"), None, tmp_path / "r", per_section=5, progress=False)
+    assert s["filter"] == "sieve" and s["clip_source"] is None
+    assert "clip_not_sieve" not in s["sections"] and s["alone_thresholds"] is None
+    assert s["counts"]["kept"] >= int(3000 * 0.2) + 1  # n + 1 rows, plus ties
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "No CLIPScore" in page and "Sieve vs CLIPScore" not in page
+
+
+def test_escaping_and_masked_phrase_highlighting():
+    assert esc('<script>"x"&\'y\'') == "&lt;script&gt;&quot;x&quot;&amp;&#x27;y&#x27;"
+    assert esc("bell\x07 esc\x1b[0m\r\n") == "bell\u2407 esc\u241b[0m\u240d\n"
+    assert esc(None) == ""
+    got = _highlight('A photo of <b onmouseover="x">cat</b> stock photo', "official")
+    assert got == ("<mark>A photo of</mark> &lt;b onmouseover=&quot;x&quot;&gt;cat&lt;/b&gt; "
+                   "<mark>stock photo</mark>")
+    assert _highlight("photography", "official") == "<mark>photo</mark>graphy"  # the reference's quirk
+    assert "(empty)" in _highlight("", "official") and "(none)" in _highlight(None, "official")
+
+
+def test_one_line_errors(synth, tmp_path, capsys):
+    root, _ = synth
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    store = str(root / "store")
+    cases = [
+        (["--scores_dir", str(tmp_path / "nope"), "--shards_dir", str(tmp_path / "shards")], "does not exist"),
+        (["--scores_dir", str(tmp_path / "empty"), "--shards_dir", str(tmp_path / "shards")], "is empty"),
+        (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards")], "no {:08d}.tar shards"),
+        (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--subset", str(tmp_path / "x.npy")],
+         "is not a file"),
+    ]
+    for args, msg in cases:
+        assert cli.main(["report", *args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    with pytest.raises(UserError, match="not a report folder"):
+        write_report(store, None, tmp_path / "other", progress=False)
+    with pytest.raises(UserError, match="--fraction"):
+        write_report(store, None, tmp_path / "r", fraction=0.0, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the toy pool, with injections
+
+
+def test_read_samples_gives_what_iter_samples_gives_for_the_asked_keys(toy_pool, tmp_path):
+    from datacomp_sieve.shards import iter_samples, list_shards, read_samples
+
+    shard = list_shards(str(toy_pool / "shards"))[0]
+    every = {x.key: x for x in iter_samples(shard)}
+    keys = list(every)
+    asked = [keys[1], keys[-1], "no-such-key"]
+    got = read_samples(shard, asked)
+    assert got == {k: every[k] for k in asked[:2]}
+    assert read_samples(shard, []) == {}
+    # a tar cut in the middle: the samples before the break, none after, nothing half-formed
+    (tmp_path / "cut").mkdir()
+    data = (toy_pool / "shards" / "00000000.tar").read_bytes()
+    (tmp_path / "cut" / "00000000.tar").write_bytes(data[: len(data) // 2 + 100])
+    cut = list_shards(str(tmp_path / "cut"))[0]
+    whole = {x.key: x for x in iter_samples(cut) if x.status == "ok"}
+    got = read_samples(cut, keys)
+    assert got == whole and 0 < len(got) < len(keys)
+
+
+
+
+def _rewrite_tar(path: Path, edit) -> None:
+    with tarfile.open(path) as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()]
+    with tarfile.open(path, "w") as t:
+        for m, data in members:
+            if data is not None:
+                data = edit(m.name, data)
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data) if data is not None else None)
+
+
+@pytest.fixture(scope="module")
+def injected(toy_pool, tmp_path_factory):
+    """The toy pool with hostile alt-texts, json url and caption, scored and reported."""
+    from datacomp_sieve.score import ScoreConfig, score_pool
+
+    root = tmp_path_factory.mktemp("report_e2e")
+    pool = root / "pool"
+    shutil.copytree(toy_pool, pool)
+    tar = pool / "shards" / "00000000.tar"
+    with tarfile.open(tar) as t:
+        keys = sorted({m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".jpg")})[:2]
+
+    def edit(name, data):
+        if name == f"{keys[0]}.txt":
+            return SCRIPT_TEXT.encode()
+        if name == f"{keys[1]}.txt":
+            return ATTR_TEXT.encode()
+        if name == f"{keys[0]}.json":
+            return json.dumps({**json.loads(data), "url": URL_TEXT}).encode()
+        return data
+
+    _rewrite_tar(tar, edit)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        score_pool(str(pool / "shards"), str(root / "store"),
+                   ScoreConfig(captioner="label", device="cpu", batch_size=8, num_captions=3), progress=False)
+    part = root / "store" / "00000001.parquet"
+    t = pq.read_table(part)
+    caps = t.column("captions").to_pylist()
+    caps[0] = [CAPTION_TEXT] + caps[0][1:]
+    t = t.set_column(t.schema.get_field_index("captions"), "captions", pa.array(caps, t.schema.field("captions").type))
+    best = t.column("best_caption").to_pylist()
+    best[0] = CAPTION_TEXT
+    t = t.set_column(t.schema.get_field_index("best_caption"), "best_caption", pa.array(best, pa.string()))
+    pq.write_table(t, part)
+    out = root / "report"
+    rc = cli.main(["report", "--scores_dir", str(root / "store"), "--shards_dir", str(pool / "shards"),
+                   "--metadata_dir", str(pool / "metadata"), "--out", str(out), "--per_section", "100", "--quiet"])
+    assert rc == 0
+    return root, out, json.loads((out / "report.json").read_text())
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text, self.notes, self._note = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._note = tag == "div" and dict(attrs).get("class") == "note"
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._note:
+            self.notes.append(data)
+            self._note = False
+
+
+def test_untrusted_text_is_only_ever_text(injected):
+    root, out, s = injected
+    raw = (out / "index.html").read_text()
+    assert "<script" not in raw.lower() and "onerror=" not in raw.replace("onerror=&quot;", "")
+    p = _Page()
+    p.feed(raw)
+    assert not [t for t, _ in p.tags if t in ("script", "iframe", "object", "embed", "a", "form", "base")]
+    assert not [(t, a) for t, a in p.tags for k in a if k.lower().startswith("on")]
+    imgs = [a for t, a in p.tags if t == "img"]
+    assert len({a["src"] for a in imgs}) == s["thumbnails"] > 50 and len(imgs) > s["thumbnails"]  # some in 2 sections
+    for a in imgs:
+        assert a["src"].startswith("thumbs/") and (out / a["src"]).is_file()
+    text = "".join(p.text)
+    for hostile in (SCRIPT_TEXT, ATTR_TEXT, URL_TEXT):
+        assert hostile in text  # shown, as text
+    assert "★ " + CAPTION_TEXT in text  # the best caption, marked
+    csp = [a for t, a in p.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and "default-src 'none'" in csp[0]["content"]
+    # masked medium phrases are highlighted inside the escaped alt-texts
+    assert "&lt;/script&gt; <mark>a photo of</mark> a cup" in raw
+    assert "<mark>stock photo</mark> of a tabby cat" in raw
+
+
+def test_toy_pool_counts_match_the_filter_and_the_manifest(injected, tmp_path):
+    root, out, s = injected
+    c = s["counts"]
+    manifest = json.loads((root / "store" / "manifest.json").read_text())
+    assert c["pool"] == 84 and c["store_rows"] == manifest["rows"] == 78
+    assert c["status"] == manifest["status"]
+    assert s["clip_source"].startswith("the metadata's clip_l14")
+    rc = cli.main(["filter", "--name", "sieve_clip", "--metadata_dir", str(root / "pool" / "metadata"),
+                   "--scores_dir", str(root / "store"), "--save_path", str(tmp_path / "sub.npy"), "--quiet"])
+    assert rc == 0 and len(np.load(tmp_path / "sub.npy")) == c["kept"]
+    shown = {u for k, v in s["sections"].items() if k != "scatter" for u in v["uids"]}
+    assert len(shown) == s["thumbnails"]  # every shown sample got its thumbnail from the tars
+    page = (out / "index.html").read_text()
+    p = _Page()
+    p.feed(page)
+    assert "STAND-IN" in p.notes[0]  # the stand-in captioner is said first
+    assert "stand-in captioner, not BLIP" in page  # the manifest is in the page
+
+
+# ---------------------------------------------------------------------------------------------
+# a real browser
+
+
+def _find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium; installed with apt-get when missing (root), else the test is skipped."""
+    exe = _find_chromium()
+    if exe:
+        return exe
+    if not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and there is no apt-get to install it")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        pytest.skip("chromium is not installed and apt-get needs root (no sudo)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", "fonts-dejavu-core"]
+    log = ""
+    for step in (install, sudo + ["apt-get", "update", "-q"], install):
+        r = subprocess.run(step, capture_output=True, text=True, env=env, timeout=900)
+        log = (r.stdout + r.stderr)[-500:]
+        if step is install and r.returncode == 0:
+            break
+    exe = _find_chromium()
+    if not exe:
+        pytest.skip(f"could not install chromium with apt-get: {log}")
+    return exe
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe:
+    commands are written to its fd 3, replies and events read from its fd 4, NUL-separated JSON)."""
+
+    def __init__(self, exe: str, profile: Path):
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+        child_r = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10)  # out of the way of 3 and 4
+        child_w = fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+        os.close(cmd_r)
+        os.close(out_w)
+
+        def fds_3_and_4():
+            os.dup2(child_r, 3)
+            os.dup2(child_w, 4)
+
+        args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-extensions", "--disable-dev-shm-usage", "--no-default-browser-check",
+                f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1280,1024"]
+        self.proc = subprocess.Popen(args, close_fds=False, preexec_fn=fds_3_and_4, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(child_r)
+        os.close(child_w)
+        self.w, self.r, self.buf, self.last, self.events = cmd_w, out_r, b"", 0, []
+
+    def _message(self, deadline: float) -> dict:
+        while b"\0" not in self.buf:
+            ready, _, _ = select_fd.select([self.r], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                raise TimeoutError("chromium did not answer in time")
+            chunk = os.read(self.r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium exited: " + self.proc.stderr.read().decode(errors="replace")[-2000:])
+            self.buf += chunk
+        msg, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60):
+        self.last += 1
+        msg = {"id": self.last, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            m = self._message(deadline)
+            if m.get("id") == self.last:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_for(self, event: str, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        for m in self.events:
+            if m.get("method") == event:
+                return m
+        while True:
+            m = self._message(deadline)
+            self.events.append(m)
+            if m.get("method") == event:
+                return m
+
+    def errors(self) -> list:
+        out = []
+        for m in self.events:
+            p = m.get("params", {})
+            if m.get("method") == "Runtime.exceptionThrown":
+                out.append(p["exceptionDetails"])
+            elif m.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                out.append(p)
+            elif m.get("method") == "Log.entryAdded" and p["entry"]["level"] == "error":
+                out.append(p["entry"])
+        return out
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=10)
+        except Exception:  # noqa: BLE001 - it may already be gone
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stderr.close()
+        os.close(self.w)
+        os.close(self.r)
+
+
+def test_report_in_headless_chromium(injected, chromium, tmp_path):
+    _, out, s = injected
+    n_images = (out / "index.html").read_text().count("<img ")
+    b = Browser(chromium, tmp_path / "profile")
+    try:
+        target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for method in ("Page.enable", "Runtime.enable", "Log.enable"):
+            b.send(method, session=session)
+        b.send("Page.navigate", {"url": (out / "index.html").as_uri()}, session=session)
+        b.wait_for("Page.loadEventFired")
+        probe = ("JSON.stringify({images: document.images.length,"
+                 " rendered: Array.from(document.images).every(i => i.complete && i.naturalWidth > 0),"
+                 " scripts: document.scripts.length, handlers: document.querySelectorAll('[onerror]').length,"
+                 " pwned: typeof window.__pwned, title: document.title})")
+        got = json.loads(b.send("Runtime.evaluate", {"expression": probe, "returnByValue": True},
+                                session=session)["result"]["value"])
+        size = b.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
+        shot = b.send("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 8000), "scale": 1}},
+            session=session)
+        time.sleep(0.2)
+        b.send("Runtime.evaluate", {"expression": "1"}, session=session)  # flush pending log events
+        errors = b.errors()
+    finally:
+        b.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    png = base64.b64decode(shot["data"])
+    (ARTIFACTS / "screenshot.png").write_bytes(png)
+    shutil.rmtree(ARTIFACTS / "page", ignore_errors=True)
+    shutil.copytree(out, ARTIFACTS / "page")
+    assert errors == [], errors
+    assert got == {"images": n_images, "rendered": True, "scripts": 0, "handlers": 0,
+                   "pwned": "undefined", "title": "datacomp-sieve report: what Sieve keeps and drops"}
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(png))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000 and im.width >= 1000 and im.height > 2000
+    assert len(np.unique(np.asarray(im.convert("L").resize((64, 256))))) > 50  # not a blank page
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo
+
+
+def test_demo_writes_the_report_and_says_what_it_used(tmp_path, monkeypatch, capsys):
+    from datacomp_sieve.demo import run_demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = run_demo(str(tmp_path / "demo"), progress=False)
+    stdout = capsys.readouterr().out.splitlines()
+    assert stdout[0] == "datacomp-sieve demo" and "STAND-IN" in stdout[1]  # said first
+    index = tmp_path / "demo" / "report" / "index.html"
+    assert s["report"] == str(index) and index.is_file()
+    assert any(line.startswith("report:  ") and str(index) in line for line in stdout)
+    r = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert r["subset"] == s["subset"] and r["counts"]["kept"] == s["kept"]
+    assert r["counts"]["scored"] == s["scored"] and r["thumbnails"] > 0
+    p = _Page()
+    p.feed(index.read_text())
+    assert "demo" in p.notes[0] and "STAND-IN" in p.notes[1]  # the model choice tops the report
+    assert any("CLIPScore" in n for n in p.notes)
