@@ -172,6 +172,22 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.subset and not os.path.isfile(args.subset):
+        raise UserError(f"--subset {args.subset} is not a file; give the .npy written by filter/baselines.py")
+    s = write_report(args.scores_dir, args.shards_dir, args.out, metadata_dir=args.metadata_dir,
+                     subset=args.subset, fraction=args.fraction, alpha=args.alpha, arch=args.arch,
+                     per_section=args.per_section, seed=args.seed, tmp_dir=args.tmp_dir,
+                     progress=not args.quiet and sys.stderr.isatty())
+    c = s["counts"]
+    print(f"report: {s['index']} (open it in a browser; no server or network needed)")
+    print(f"  {c['kept']} kept of {c['scored']} scored by {s['filter']} ({s['selection']}); "
+          f"{sum(c['failed'].values())} failed; galleries of {s['thumbnails']} samples")
+    return 0
+
+
 def run_pool_info(args: argparse.Namespace) -> int:
     from .shards import coverage
 
@@ -228,8 +244,8 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True) -> 
                         "as the reference code calls it; for auditing). Greedy tokens are identical; "
                         "sampled captions for a seed differ, their distribution does not")
     if with_batch:
-        p.add_argument("--batch_size", type=int, default=16,
-                       help="images per captioning call (default 16, as the reference)")
+        p.add_argument("--batch_size", type=int, default=None,
+                       help="images per captioning call (default 16 on the CPU, as the reference; 256 on GPUs)")
     p.add_argument("--seed", type=int, default=0, help="random seed; each shard draws from its own stream")
     p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
 
@@ -264,7 +280,7 @@ def _score_config(args: argparse.Namespace):
     return ScoreConfig(captioner=args.captioner, text_encoder=args.text_encoder, num_captions=args.num_captions,
                        masking=args.masking, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                        device=args.device, precision=args.precision, decoding=args.decoding,
-                       batch_size=args.batch_size or 16,
+                       batch_size=args.batch_size,
                        seed=args.seed)
 
 
@@ -325,6 +341,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=run_demo)
 
+    r = sub.add_parser("report", help="an HTML report of what Sieve keeps and drops",
+                       description="Write a static HTML report (one folder, opens from disk, no server, no "
+                                   "network): histograms of Sieve, CLIPScore and the fused score with the "
+                                   "threshold, a Sieve-vs-CLIPScore scatter, galleries (top kept, bottom dropped, "
+                                   "borderline, and where CLIPScore and Sieve disagree) with thumbnails, "
+                                   "highlighted medium phrases and captions, counts and the run's manifest. "
+                                   "Works on any pool size: it streams the scores and samples what it shows.")
+    r.add_argument("--scores_dir", required=True, help="the score store written by `datacomp-sieve score`")
+    r.add_argument("--shards_dir", required=True, help="the pool's shards ({:08d}.tar): thumbnails and alt-texts")
+    r.add_argument("--metadata_dir", help="the pool's metadata: pool size and its CLIPScore column (--arch)")
+    r.add_argument("--subset", help="a subset .npy (DataComp's u8,u8): kept = in it; default: the top --fraction")
+    r.add_argument("--out", required=True, help="the report folder (index.html, thumbs/; a previous report there "
+                                                "is replaced)")
+    r.add_argument("--fraction", type=float, default=0.2,
+                   help="without --subset: kept = this top fraction by fused score (default 0.2)")
+    r.add_argument("--alpha", type=float, default=0.5, help="the CLIPScore weight of the fused score (default 0.5)")
+    r.add_argument("--arch", choices=["b32", "l14"], default="l14",
+                   help="which metadata CLIPScore column to use (default l14; else the store's clip_score)")
+    r.add_argument("--per_section", type=int, default=24, help="samples shown per gallery (default 24)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the uniform samples (default 0)")
+    r.add_argument("--tmp_dir", help="scratch folder for joining scores on uid (default: system temp)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=run_report)
+
     c = sub.add_parser("pool-info", help="how a pool's metadata and downloaded shards match up",
                        description="Count metadata rows, downloaded samples, and what is missing on either side "
                                    "(metadata rows without a sample are failed downloads: normal).")
@@ -344,11 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per shard (DataComp uses 10000; small here so the toy pool has several shards)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_toy_pool)
+
+    from .harness.cli import add_parsers  # reshard, train, evaluate, reproduce, compare, submit
+
+    add_parsers(sub)
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (callers and tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     root = logging.getLogger("datacomp_sieve")
     if not root.handlers:

@@ -1,0 +1,195 @@
+"""Native training: open_clip_train's main with DataComp's scale hyper-parameters.
+
+``SCALES`` is DataComp's scale table (scale_configs.py, not to be changed: results are only
+comparable with these) plus ``toy``: a tiny ViT (``clip.TINY["ViT-B-32"]``, 64 px) that trains on
+2 CPU cores in about a minute, for CI and trying the loop. ``open_clip_args`` builds the same
+arguments DataComp's train.py passes to open_clip's main (``--train-num-samples`` is the scale's
+samples seen divided by ``num_checkpoints``, one epoch per checkpoint, ``--dataset-resampled``,
+``--save-most-recent``, ``--resume latest``, per-GPU batch = batch / (GPUs x accum_freq)).
+
+Outputs, as DataComp's: ``OUTPUT_DIR/EXP_NAME/checkpoints/epoch_latest.pt`` and ``info.pkl``
+(scale, checkpoint, scale_config, data_dir, read by DataComp's evaluate.py), plus ``info.json``
+(the same, readable without pickle, with the toy model's config file when there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+# DataComp's scale_configs.py, and the toy scale (native backend only).
+SCALES = {
+    "debug": dict(batch_size=1024, learning_rate=1e-4, train_num_samples=128_000, warmup=500,
+                  model="ViT-B-32", beta2=None),
+    "small": dict(batch_size=4096, learning_rate=5e-4, train_num_samples=12_800_000, warmup=500,
+                  model="ViT-B-32", beta2=None),
+    "medium": dict(batch_size=4096, learning_rate=5e-4, train_num_samples=128_000_000, warmup=500,
+                   model="ViT-B-32", beta2=None),
+    "large": dict(batch_size=8192, learning_rate=5e-4, train_num_samples=1_280_000_000, warmup=500,
+                  model="ViT-B-16", beta2=None),
+    "xlarge": dict(batch_size=90112, learning_rate=1e-3, train_num_samples=12_800_000_000, warmup=10000,
+                   model="ViT-L-14", beta2=0.95),
+    "toy": dict(batch_size=16, learning_rate=1e-3, train_num_samples=640, warmup=4,
+                model="datacomp-sieve-toy", beta2=None),
+}
+DATACOMP_SCALES = ("debug", "small", "medium", "large", "xlarge")
+TOY_MODEL = "datacomp-sieve-toy"
+
+
+def scale_config(scale: str) -> dict:
+    if scale not in SCALES:
+        raise UserError(f"unknown scale {scale!r}: one of {', '.join(SCALES)}")
+    return dict(SCALES[scale])
+
+
+def toy_model_config() -> dict:
+    """open_clip's ViT-B-32 config with the tiny tower overrides of ``clip.TINY``."""
+    import open_clip
+
+    from ..clip import TINY
+
+    cfg = open_clip.get_model_config("ViT-B-32")
+    for key, value in TINY["ViT-B-32"].items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def register_model(config_file: str | None) -> None:
+    """Make a model config file (the toy model's) known to open_clip, by its file stem."""
+    if config_file:
+        import open_clip
+
+        open_clip.add_model_config(config_file)
+
+
+def find_shards(data_dir: str) -> str:
+    """The ``{first..last}.tar`` brace pattern of a resharded folder (from meta.json, else listed)."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"--data_dir {data_dir} is not a folder")
+    meta = d / "meta.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        n, fmt = int(m["output_shard_count"]), m.get("output_shard_format", "{:08d}.tar")
+        if n < 1:
+            raise UserError(f"--data_dir {data_dir}: meta.json says no shard was written (an empty subset?)")
+        first, last = fmt.format(0)[: -len(".tar")], fmt.format(n - 1)[: -len(".tar")]
+        return str(d / f"{{{first}..{last}}}.tar") if n > 1 else str(d / fmt.format(0))
+    tars = sorted(p.name for p in d.glob("*.tar") if p.stem.isdigit())
+    if not tars:
+        raise UserError(f"--data_dir {data_dir} has no .tar shards; reshard a subset into it first")
+    if len(tars) == 1:
+        return str(d / tars[0])
+    width = len(tars[0]) - len(".tar")
+    return str(d / f"{{{0:0{width}d}..{int(tars[-1][:-4]):0{width}d}}}.tar")
+
+
+def open_clip_args(scale: str, data: str, output_dir: str, exp_name: str, *, num_gpus: int = 1,
+                   num_checkpoints: int = 5, seed: int = 0, precision: str = "amp", workers: int = 4,
+                   accum_freq: int = 1, log_every_n_steps: int = 100) -> list[str]:
+    """open_clip_train.main arguments, as DataComp's train.py builds them for ``scale``."""
+    c = scale_config(scale)
+    if num_checkpoints < 1:
+        raise UserError(f"--num_checkpoints must be at least 1, got {num_checkpoints}")
+    per_gpu = c["batch_size"] // (num_gpus * accum_freq)
+    if per_gpu < 1:
+        raise UserError(f"batch {c['batch_size']} cannot be split over {num_gpus} GPU(s) x accum_freq {accum_freq}")
+    args = ["--save-frequency", "0", "--ddp-static-graph", "--local-loss", "--gather-with-grad",
+            "--grad-checkpointing", "--train-data", data,
+            "--train-num-samples", str(c["train_num_samples"] // num_checkpoints),
+            "--warmup", str(c["warmup"]), "--dataset-type", "webdataset", "--precision", precision,
+            "--workers", str(workers), "--model", c["model"], "--batch-size", str(per_gpu),
+            "--epochs", str(num_checkpoints), "--lr", str(c["learning_rate"]), "--logs", str(output_dir),
+            "--name", exp_name, "--seed", str(seed), "--accum-freq", str(accum_freq),
+            "--log-every-n-steps", str(log_every_n_steps), "--save-most-recent", "--resume", "latest",
+            "--dataset-resampled"]
+    if c["beta2"] is not None:
+        args += ["--beta2", str(c["beta2"])]
+    return args
+
+
+def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, num_checkpoints: int | None = None,
+          seed: int = 0, precision: str | None = None, workers: int | None = None, accum_freq: int = 1) -> dict:
+    """Train in this process with open_clip_train; returns the info written beside the checkpoint.
+
+    ``toy`` defaults: fp32, 0 data-loader workers, one checkpoint, open_clip's sample shuffle
+    buffer set to 1 sample (shards are still drawn by open_clip's seeded resampler) so that the
+    same seed gives the same model. Other scales default to DataComp's settings (amp, 4 workers,
+    5 checkpoints) on however many GPUs this process sees (one: use torchrun through the
+    DataComp backend for several).
+    """
+    import torch
+
+    c = scale_config(scale)
+    toy = scale == "toy"
+    if not toy and not torch.cuda.is_available():
+        raise UserError(f"scale {scale} trains ViT models on {c['train_num_samples']:,} samples: it needs GPUs; "
+                        "use --scale toy on a CPU")
+    data = find_shards(data_dir)
+    run_dir = Path(output_dir) / exp_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = None
+    if toy:
+        config_file = str(run_dir / f"{TOY_MODEL}.json")
+        Path(config_file).write_text(json.dumps(toy_model_config(), indent=1))
+        register_model(config_file)
+    argv = open_clip_args(scale, data, output_dir, exp_name,
+                          num_checkpoints=num_checkpoints or (1 if toy else 5), seed=seed,
+                          precision=precision or ("fp32" if toy else "amp"),
+                          workers=workers if workers is not None else (0 if toy else 4),
+                          accum_freq=accum_freq, log_every_n_steps=1 if toy else 100)
+    log.info("open_clip_train.main %s", " ".join(argv))
+    result = _run_open_clip(argv, toy)
+    checkpoint = run_dir / "checkpoints" / "epoch_latest.pt"
+    if result == -1 or not checkpoint.is_file():
+        raise UserError(f"training did not produce {checkpoint}; see open_clip's log {run_dir / 'out.log'}")
+    info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": c, "data_dir": str(data_dir),
+            "model_config_file": config_file, "open_clip_args": argv}
+    with open(run_dir / "info.pkl", "wb") as f:  # what DataComp's evaluate.py reads
+        pickle.dump({k: info[k] for k in ("scale", "checkpoint", "scale_config", "data_dir")}, f)
+    (run_dir / "info.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _run_open_clip(argv: list[str], toy: bool) -> int | None:
+    """open_clip_train.main(argv), with the root logger's handlers and (for toy) the shuffle buffer restored."""
+    import open_clip_train.data as ocd
+    from open_clip_train.main import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    saved = (ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL)
+    if toy:
+        ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL = 1, 1
+    try:
+        return main(argv)
+    finally:
+        ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL = saved
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+
+
+def load_info(train_output: str) -> dict:
+    """A training run's info (``info.json``, or DataComp's ``info.pkl``'s fields)."""
+    d = Path(train_output)
+    if (d / "info.json").is_file():
+        return json.loads((d / "info.json").read_text())
+    if (d / "info.pkl").is_file():
+        with open(d / "info.pkl", "rb") as f:
+            return pickle.load(f)  # noqa: S301 - DataComp's own format; the user's training output
+    ckpt = d / "checkpoints" / "epoch_latest.pt"
+    raise UserError(f"{d} has no info.json or info.pkl: is it a training output folder (OUTPUT_DIR/EXP_NAME)?"
+                    + (f" ({ckpt} exists)" if ckpt.exists() else ""))
+
