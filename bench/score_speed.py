@@ -452,8 +452,9 @@ def main(argv=None) -> int:
                    help="time the reference-style pipeline on the first M of the N images only (default: all N); "
                         "for GPUs, where it is too slow for the N this engine needs to fill the device")
     p.add_argument("--sweep", default="",
-                   help="after the rounds, time this engine alone at other settings: comma-separated BATCH or "
-                        "BATCHxWORKERS items (WORKERS: image-decoding processes on a GPU), e.g. 256,512x14")
+                   help="after the rounds, time this engine alone at other settings: comma-separated BATCH, "
+                        "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
+                        "TEXT: text-encoder processes), e.g. 256,512x14,256x12x3")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -634,19 +635,23 @@ def main(argv=None) -> int:
               f"(other work on the machine skews both pipelines; compare only runs on an idle machine)")
     if sweep:
         print()
-        default_workers = scorer.decode_workers
+        default_workers, default_text = scorer.decode_workers, scorer.text_workers
         for item in sweep:
-            batch, workers = item[0], (item[1] if len(item) > 1 else default_workers)
-            if workers != scorer.decode_workers:
+            batch = item[0]
+            workers = item[1] if len(item) > 1 else default_workers
+            text = item[2] if len(item) > 2 else default_text
+            if (workers, text) != (scorer.decode_workers, scorer.text_workers):
                 scorer.close()
-                scorer.decode_workers = workers
+                scorer.decode_workers, scorer.text_workers = workers, text
+                run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the processes start
             s_time, s_stage, s_rate = run_fast(dataclasses.replace(config, batch_size=batch))
             util = s_stage.pop("gpu utilisation %", None)
-            print(f"sweep: batch {batch}, decode workers {workers}: fast {s_rate:.2f} img/s ({s_time:.2f} s); "
+            print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}: fast {s_rate:.2f} img/s "
+                  f"({s_time:.2f} s); "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                   + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
         scorer.close()
-        scorer.decode_workers = default_workers
+        scorer.decode_workers, scorer.text_workers = default_workers, default_text
     if rounds > 1:
         print(f"rates below: median over {rounds} rounds")
     scorer.close()

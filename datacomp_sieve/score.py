@@ -107,6 +107,25 @@ def _decode_chunk(images: list, transform, max_pixels) -> list:
     return out
 
 
+_TEXT = {}  # in a text process: its encoder and masking
+
+
+def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str) -> None:
+    import torch
+
+    from .text import TextEncoder
+
+    torch.set_num_threads(1)
+    _TEXT.update(encoder=TextEncoder(text_encoder, device=device, precision=precision), masking=masking)
+
+
+def _score_texts(alt_texts: list, captions: list):
+    """In a text process: ``sieve_scores`` with its own encoder."""
+    from .text import sieve_scores
+
+    return sieve_scores(_TEXT["encoder"], alt_texts, captions, masking=_TEXT["masking"])
+
+
 @dataclass
 class ShardResult:
     table: object
@@ -137,7 +156,13 @@ class ShardScorer:
         #: On a GPU, a batch's captions are turned into text and scored on a thread while the
         #: model captions the next batch.
         self.overlap_text = on_gpu
+        #: Sentence embedding and scoring in this many processes of their own, each with its own
+        #: copy of the text encoder on the device (0: in this process). An option until measured
+        #: on a GPU (bench/score_speed.py --sweep BATCHxWORKERSxTEXT): it takes the text half's
+        #: host work off this process's GIL.
+        self.text_workers = 0
         self._pool = None
+        self._text_pool = None
         self.clip = None
         if cfg.clip_model:
             from .clip import ClipScorer
@@ -242,13 +267,28 @@ class ShardScorer:
             self._stream = torch.cuda.Stream(device=self.config.device)
         return torch.cuda.stream(self._stream)
 
+    def _text_processes(self):
+        if self._text_pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            cfg = self.config
+            precision = cfg.precision if str(cfg.device).startswith("cuda") else "fp32"
+            self._text_pool = ProcessPoolExecutor(
+                self.text_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_text_worker,
+                initargs=(cfg.text_encoder, cfg.device, precision, cfg.masking))
+        return self._text_pool
+
     def close(self) -> None:
-        """Stop the decoding processes (started again when needed)."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        """Stop the decoding and text processes (started again when needed)."""
+        for pool in (self._pool, self._text_pool):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        self._pool = self._text_pool = None
 
     def score(self, shard, progress=None) -> ShardResult:
+        from collections import deque
+
         import numpy as np
         import pyarrow as pa
         import torch
@@ -266,13 +306,23 @@ class ShardScorer:
         pending: list = []  # (row index, image, pixels, alt-text)
 
         on_gpu = str(cfg.device).startswith("cuda")
-        texts_ahead = None  # the text half of the previous batch, running on a thread
+        texts_ahead = deque()  # text halves of earlier batches, running on threads, oldest first
+        depth = max(1, self.text_workers)  # how many may run at once
 
         def text_half(idx, images, texts, captions):
             t = time.time()
             caps = captions()
-            with self._text_stream():  # on its own CUDA stream: not queued behind the next batch's captioning
-                best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
+            if self.text_workers:
+                from concurrent.futures.process import BrokenProcessPool
+
+                try:
+                    best, mean, which = self._text_processes().submit(_score_texts, list(texts), caps).result()
+                except BrokenProcessPool:
+                    self.close()
+                    raise RuntimeError("a text process died; the shard is not written, rerun to retry it") from None
+            else:
+                with self._text_stream():  # on its own CUDA stream: not queued behind the next batch's captioning
+                    best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
             timings["text"] += time.time() - t
             clip = None
             if self.clip is not None:
@@ -293,7 +343,6 @@ class ShardScorer:
                 progress.update(len(idx))
 
         def flush():
-            nonlocal texts_ahead
             if not pending:
                 return
             idx, images, pixels, texts = zip(*pending)
@@ -308,17 +357,17 @@ class ShardScorer:
                 stacked = torch.stack(pixels)
             captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t
-            if texts_ahead is not None:
-                fill(*texts_ahead.result())
-                texts_ahead = None
+            while len(texts_ahead) >= depth:
+                fill(*texts_ahead.popleft().result())
             if text_thread is not None:
-                texts_ahead = text_thread.submit(text_half, idx, images, texts, captions)
+                texts_ahead.append(text_thread.submit(text_half, idx, images, texts, captions))
             else:
                 fill(*text_half(idx, images, texts, captions))
 
         from concurrent.futures import ThreadPoolExecutor
 
-        text_thread = ThreadPoolExecutor(1, thread_name_prefix="text") if self.overlap_text else None
+        overlap = self.overlap_text or self.text_workers
+        text_thread = ThreadPoolExecutor(depth, thread_name_prefix="text") if overlap else None
         try:
             t = time.time()
             for sample, status, error, image, pixels in self._prepared(iter_samples(shard)):
@@ -343,8 +392,8 @@ class ShardScorer:
                     progress.update(1)
             timings["read"] += time.time() - t
             flush()
-            if texts_ahead is not None:
-                fill(*texts_ahead.result())
+            while texts_ahead:
+                fill(*texts_ahead.popleft().result())
         finally:
             if text_thread is not None:
                 text_thread.shutdown(cancel_futures=True)

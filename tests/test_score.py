@@ -193,12 +193,13 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     score_pool(str(toy_pool / "shards"), str(tmp_path / "c"), ScoreConfig(**{**cfg.__dict__, "seed": 1}), progress=False)
     assert [r["captions"] for r in read(tmp_path / "c")] != [r["captions"] for r in rows]
     # what a GPU run does changes nothing: decoding ahead in threads; decoding in processes
-    # (uint8 crops normalised afterwards) with the text half of each batch on a thread
+    # (uint8 crops normalised afterwards) with the text half of each batch on threads and the
+    # sentence embedding in processes of its own
     threaded = ShardScorer(cfg)
     threaded.decode_threads = 3
     score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), cfg, progress=False, scorer=threaded)
     in_processes = ShardScorer(cfg)
-    in_processes.decode_workers, in_processes.overlap_text = 2, True
+    in_processes.decode_workers, in_processes.overlap_text, in_processes.text_workers = 2, True, 2
     assert in_processes._in_processes()
     score_pool(str(toy_pool / "shards"), str(tmp_path / "p"), cfg, progress=False, scorer=in_processes)
     assert in_processes._pool is not None  # a scorer handed in keeps its processes for the next run

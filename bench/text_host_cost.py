@@ -1,0 +1,68 @@
+"""Host cost of the text half of scoring: what one thread spends per image besides the GPU's work.
+
+    python bench/text_host_cost.py [--images 1024] [--num_captions 8]
+
+The text half turns r token rows per image into captions (the BLIP tokenizer's batch decode),
+masks them and the alt-text, tokenises them and runs all-MiniLM-L6-v2 through
+sentence-transformers. On a GPU the model's arithmetic is nearly free; the rest is host work in
+Python and Rust. This measures that rest on the CPU: the encoder's six transformer layers are
+removed (embeddings, pooling and normalisation stay), so what is timed is the decoding, masking,
+tokenisation and sentence-transformers' bookkeeping, with one torch thread. The last line is
+``host H ms/image: at most R images/s per text thread``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+WORDS = ("a cat dog on the table with red blue man woman sitting standing near tree car street "
+         "picture photo of old house river bridge").split()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--num_captions", type=int, default=8)
+    args = p.parse_args(argv)
+    import torch
+
+    from datacomp_sieve.caption import build_blip_tokenizer
+    from datacomp_sieve.text import TextEncoder, sieve_scores
+
+    torch.set_num_threads(1)
+    enc = TextEncoder(None, device="cpu")
+    enc.model[0].auto_model.encoder.layer = enc.model[0].auto_model.encoder.layer[:0]
+    tok = build_blip_tokenizer()
+    n, r = args.images, args.num_captions
+    g = torch.Generator().manual_seed(0)
+    # token rows as the sampler returns them: [DEC] a picture of, 11 words, [SEP], [PAD]s
+    ids = torch.randint(1000, 8000, (n * r, 20), generator=g)
+    ids[:, :4] = torch.tensor([tok.bos_token_id, 1037, 3861, 1997])
+    ids[:, 15], ids[:, 16:] = tok.sep_token_id, tok.pad_token_id
+    rng = random.Random(0)
+    alts = [" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) for _ in range(n)]
+    t = time.perf_counter()
+    texts = tok.batch_decode(ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    caps = [[x[len("a picture of "):] for x in texts[i * r:(i + 1) * r]] for i in range(n)]
+    decode_s = time.perf_counter() - t
+    t = time.perf_counter()
+    sieve_scores(enc, alts, caps)
+    score_s = time.perf_counter() - t
+    per = 1000 * (decode_s + score_s) / n
+    print(f"{n} images x {r} captions (+ alt-text): token rows -> captions {decode_s:.2f} s, masking + "
+          f"tokenising + sentence-transformers without its layers {score_s:.2f} s")
+    print(f"host {per:.2f} ms/image: at most {1000 / per:.0f} images/s per text thread")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
