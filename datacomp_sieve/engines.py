@@ -151,14 +151,21 @@ def _process_worker(conn, device, cfg_dict, factory, pin_cuda: bool, threads: in
 
     try:
         scorer = factory(ScoreConfig(**cfg_dict))
+        if getattr(scorer, "decode_workers", 0):  # its decoding processes: this worker's share of the cores
+            scorer.decode_workers = min(scorer.decode_workers, max(1, threads - 1))
         conn.send(("ready", scorer.describe(), os.getpid()))
     except Exception as e:  # noqa: BLE001
         conn.send(("init_error", error_line(e), os.getpid()))
         return
     stores: dict = {}
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:  # the driver is gone
+            msg = None
         if msg is None:
+            if hasattr(scorer, "close"):
+                scorer.close()
             return
         shard, store_url = msg
         try:
@@ -197,7 +204,9 @@ class ProcessEngine:
 
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_process_worker, daemon=True, name=f"sieve-worker-{device}",
+        # not a daemon: a worker starts image-decoding processes of its own (daemons may not have
+        # children); it ends when the driver says so or its pipe closes, and close() joins it
+        p = ctx.Process(target=_process_worker, daemon=False, name=f"sieve-worker-{device}",
                         args=(child, device, asdict(self.cfg), self.factory, self.cfg.device.startswith("cuda"),
                               max(1, (os.cpu_count() or 1) // len(self.devices))))
         p.start()

@@ -405,6 +405,8 @@ class ShardScorer:
             "status": counts,
             "seconds": round(time.time() - t0, 3),
             "timings": {k: round(v, 3) for k, v in timings.items()},
+            "image_decoding": (f"processes ({self.decode_workers})" if self._in_processes() else
+                               f"threads ({self.decode_threads})" if self.decode_threads else "in line"),
         }
         if report is not None:
             stats["tar"] = report if isinstance(report, dict) else asdict(report)

@@ -110,6 +110,24 @@ def test_two_worker_processes_with_one_killed_mid_shard(toy_pool, reference, tmp
     assert m["rows"] == sum(pq.read_table(reference / f"{s}.parquet").num_rows for s in STEMS)
 
 
+class DecodingScorer(ShardScorer):
+    """What a GPU worker does: images decoded in processes of its own, the text half on a thread."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.decode_workers, self.overlap_text = 2, True
+
+
+def test_worker_processes_decode_images_in_processes_of_their_own(toy_pool, reference, tmp_path):
+    out = tmp_path / "decoding"
+    engine = ProcessEngine([0, 1], scorer_factory=Factory(DecodingScorer))
+    m = score_pool(str(toy_pool / "shards"), str(out), config(), progress=False, engine=engine)
+    assert m["failed"] == {} and m["run"]["workers"] == 2
+    assert_same_store(reference, out)
+    store = ScoreStore(str(out))
+    assert {store.shard_stats(s)["image_decoding"] for s in STEMS} == {"processes (1)"}  # 1 core per worker here
+
+
 def test_in_process_failure_is_reported_and_the_cli_exits_non_zero(toy_pool, reference, tmp_path, monkeypatch,
                                                                     capsys):
     real = ShardScorer.score
