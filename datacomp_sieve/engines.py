@@ -346,6 +346,8 @@ class _RayWorker:
         if threads:
             torch.set_num_threads(int(threads))
         self.scorer = factory(ScoreConfig(**cfg_dict))
+        if threads and getattr(self.scorer, "decode_workers", 0):  # decoding processes: within its CPUs
+            self.scorer.decode_workers = min(self.scorer.decode_workers, max(1, int(threads) - 1))
         self.stores: dict = {}
 
     def describe(self):
