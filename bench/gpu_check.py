@@ -32,15 +32,20 @@ def _hf_greedy(cap, embeds, r):
         min_length=s.min_length, eos_token_id=cap.sep_id, pad_token_id=cap.pad_id, bos_token_id=cap.bos_id)
 
 
-def _pixels(cap, device, n):
-    import torch
+def _photos(n=None):
+    """The benchmark's photos as RGB PIL images (the first n)."""
+    from PIL import Image
 
     from bench.score_speed import PHOTOS
     from datacomp_sieve.toy_pool import photo_array
-    from PIL import Image
 
-    ims = [Image.fromarray(photo_array(src)).convert("RGB") for src, _ in PHOTOS[:n]]
-    return torch.stack([cap.preprocess(im) for im in ims]).to(device)
+    return [Image.fromarray(photo_array(src)).convert("RGB") for src, _ in PHOTOS[:n]]
+
+
+def _pixels(cap, device, n):
+    import torch
+
+    return torch.stack([cap.preprocess(im) for im in _photos(n)]).to(device)
 
 
 def main(argv=None) -> int:
@@ -74,14 +79,10 @@ def main(argv=None) -> int:
     cap.sampler.fused_attention = None
 
     # the decoding processes send uint8 crops, normalised on the GPU: the same numbers as the CPU transform
-    from PIL import Image
-
-    from bench.score_speed import PHOTOS
     from datacomp_sieve.caption import ImageTransform
-    from datacomp_sieve.toy_pool import photo_array
 
     t = ImageTransform(224)
-    ims = [Image.fromarray(photo_array(src)).convert("RGB") for src, _ in PHOTOS]
+    ims = _photos()
     cpu = torch.stack([t(im) for im in ims])
     gpu = t.normalize(torch.from_numpy(np.stack([t.to_uint8(im) for im in ims])).to(args.device)).cpu()
     same = torch.equal(cpu, gpu)

@@ -139,6 +139,12 @@ class InProcessEngine:
 
 
 # -- one process per device --------------------------------------------------------------------
+def _decode_within(scorer, cpus: int) -> None:
+    """A worker's image-decoding processes fit its share of the cores (one left for the worker)."""
+    if getattr(scorer, "decode_workers", 0):
+        scorer.decode_workers = min(scorer.decode_workers, max(1, cpus - 1))
+
+
 def _process_worker(conn, device, cfg_dict, factory, pin_cuda: bool, threads: int) -> None:
     """A ``ProcessEngine`` worker: pin its GPU before torch starts, load once, score many shards."""
     if pin_cuda:
@@ -151,8 +157,7 @@ def _process_worker(conn, device, cfg_dict, factory, pin_cuda: bool, threads: in
 
     try:
         scorer = factory(ScoreConfig(**cfg_dict))
-        if getattr(scorer, "decode_workers", 0):  # its decoding processes: this worker's share of the cores
-            scorer.decode_workers = min(scorer.decode_workers, max(1, threads - 1))
+        _decode_within(scorer, threads)
         conn.send(("ready", scorer.describe(), os.getpid()))
     except Exception as e:  # noqa: BLE001
         conn.send(("init_error", error_line(e), os.getpid()))
@@ -346,8 +351,8 @@ class _RayWorker:
         if threads:
             torch.set_num_threads(int(threads))
         self.scorer = factory(ScoreConfig(**cfg_dict))
-        if threads and getattr(self.scorer, "decode_workers", 0):  # decoding processes: within its CPUs
-            self.scorer.decode_workers = min(self.scorer.decode_workers, max(1, int(threads) - 1))
+        if threads:
+            _decode_within(self.scorer, int(threads))
         self.stores: dict = {}
 
     def describe(self):

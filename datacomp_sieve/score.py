@@ -94,17 +94,32 @@ def _chunks(items, n: int):
         yield chunk
 
 
-def _decode_chunk(images: list, transform, max_pixels) -> list:
-    """In a decoding process: encoded images -> (status, error, uint8 crop or None) each."""
+def _decode(data: bytes, max_pixels):
+    """(status, error, RGB PIL image or None) of one encoded image."""
     from .shards import ImageError, decode_image
 
+    try:
+        return "ok", None, decode_image(data, max_pixels=max_pixels)
+    except ImageError as e:
+        return e.code, str(e), None
+
+
+def _decode_chunk(images: list, transform, max_pixels) -> list:
+    """In a decoding process: encoded images -> (status, error, uint8 crop or None) each."""
     out = []
     for data in images:
-        try:
-            out.append(("ok", None, transform.to_uint8(decode_image(data, max_pixels=max_pixels))))
-        except ImageError as e:
-            out.append((e.code, str(e), None))
+        status, error, image = _decode(data, max_pixels)
+        out.append((status, error, None if image is None else transform.to_uint8(image)))
     return out
+
+
+def _spawn_pool(workers: int, **kw):
+    """Worker processes started fresh (spawn): the parent may hold CUDA, which forked children
+    must not inherit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kw)
 
 
 _TEXT = {}  # in a text process: its encoder and masking
@@ -143,10 +158,10 @@ class ShardScorer:
         cfg = self.config
         self.captioner = build_captioner(cfg.captioner, device=cfg.device, precision=cfg.precision,
                                          decoding=cfg.decoding)
+        self.on_gpu = on_gpu = str(cfg.device).startswith("cuda")
         # on a GPU the sentence encoder runs in the captioner's half precision
-        self.text = TextEncoder(cfg.text_encoder, device=cfg.device,
-                                precision=cfg.precision if str(cfg.device).startswith("cuda") else "fp32")
-        on_gpu = str(cfg.device).startswith("cuda")
+        self.text_precision = cfg.precision if on_gpu else "fp32"
+        self.text = TextEncoder(cfg.text_encoder, device=cfg.device, precision=self.text_precision)
         #: On a GPU, images are decoded ahead of the models (in the main process, decoding would
         #: starve the GPU): in ``decode_workers`` processes where the captioner's transform allows
         #: (uint8 crops come back and are normalised on the GPU), else in ``decode_threads``
@@ -178,14 +193,11 @@ class ShardScorer:
 
     def _prepare(self, sample):
         """(sample, status, error, image, pixels): the image decoded and preprocessed, or why not."""
-        from .shards import ImageError, decode_image
-
         if sample.status != "ok":
             return sample, sample.status, sample.error, None, None
-        try:
-            image = decode_image(sample.image, max_pixels=self.config.max_image_pixels)
-        except ImageError as e:
-            return sample, e.code, str(e), None, None
+        status, error, image = _decode(sample.image, self.config.max_image_pixels)
+        if image is None:
+            return sample, status, error, None, None
         return sample, "ok", sample.error, image, self.captioner.preprocess(image)  # error: a note (bad UTF-8)
 
     def _in_processes(self) -> bool:
@@ -232,22 +244,11 @@ class ShardScorer:
         if not images:
             return None
         if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn: the parent holds CUDA, which forked children must not inherit
-            self._pool = ProcessPoolExecutor(self.decode_workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = _spawn_pool(self.decode_workers)
         return self._pool.submit(_decode_chunk, images, self.captioner.preprocess, self.config.max_image_pixels)
 
     def _decoded(self, chunk, future):
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            done = iter(future.result() if future is not None else ())
-        except BrokenProcessPool:
-            self.close()
-            raise RuntimeError("an image-decoding process died (a crash in the image library?); "
-                               "the shard is not written, rerun to retry it") from None
+        done = iter(self._result(future, "an image-decoding") if future is not None else ())
         for sample in chunk:
             if sample.status != "ok":
                 yield sample, sample.status, sample.error, None, None
@@ -261,7 +262,7 @@ class ShardScorer:
 
         import torch
 
-        if not (self.overlap_text and str(self.config.device).startswith("cuda")):
+        if not (self.overlap_text and self.on_gpu):
             return contextlib.nullcontext()
         if getattr(self, "_stream", None) is None:
             self._stream = torch.cuda.Stream(device=self.config.device)
@@ -269,15 +270,22 @@ class ShardScorer:
 
     def _text_processes(self):
         if self._text_pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             cfg = self.config
-            precision = cfg.precision if str(cfg.device).startswith("cuda") else "fp32"
-            self._text_pool = ProcessPoolExecutor(
-                self.text_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_text_worker,
-                initargs=(cfg.text_encoder, cfg.device, precision, cfg.masking))
+            self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker,
+                                          initargs=(cfg.text_encoder, cfg.device, self.text_precision, cfg.masking))
         return self._text_pool
+
+    def _result(self, future, what: str):
+        """A process pool task's result; when a worker process died, the pools are stopped (started
+        again for the next shard) and the shard fails with a one-line error."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self.close()
+            raise RuntimeError(f"{what} process died (a crash in a library?); the shard is not written, "
+                               "rerun to retry it") from None
 
     def close(self) -> None:
         """Stop the decoding and text processes (started again when needed)."""
@@ -305,7 +313,6 @@ class ShardScorer:
         timings = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
         pending: list = []  # (row index, image, pixels, alt-text)
 
-        on_gpu = str(cfg.device).startswith("cuda")
         texts_ahead = deque()  # text halves of earlier batches, running on threads, oldest first
         depth = max(1, self.text_workers)  # how many may run at once
 
@@ -313,13 +320,8 @@ class ShardScorer:
             t = time.time()
             caps = captions()
             if self.text_workers:
-                from concurrent.futures.process import BrokenProcessPool
-
-                try:
-                    best, mean, which = self._text_processes().submit(_score_texts, list(texts), caps).result()
-                except BrokenProcessPool:
-                    self.close()
-                    raise RuntimeError("a text process died; the shard is not written, rerun to retry it") from None
+                best, mean, which = self._result(self._text_processes().submit(_score_texts, list(texts), caps),
+                                                 "a text")
             else:
                 with self._text_stream():  # on its own CUDA stream: not queued behind the next batch's captioning
                     best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)
@@ -350,7 +352,7 @@ class ShardScorer:
             t = time.time()
             if getattr(pixels[0], "dtype", None) == np.uint8:  # crops from the decoding processes
                 batch = torch.from_numpy(np.stack(pixels))
-                if on_gpu and cfg.precision != "fp32":  # 4x fewer bytes to move; rounded to half anyway
+                if self.on_gpu and cfg.precision != "fp32":  # 4x fewer bytes to move; rounded to half anyway
                     batch = batch.pin_memory().to(cfg.device, non_blocking=True)
                 stacked = self.captioner.preprocess.normalize(batch)  # fp32: on the CPU, as the reference
             else:
