@@ -8,7 +8,11 @@ defaults differ (fused attention, half precision):
   without fused attention, equal transformers' greedy tokens exactly;
 - BLIP-base size, random weights, fp16 and bf16: the share of greedy tokens equal to transformers'
   greedy tokens in the same precision (rounding may flip near-ties, so this is a figure, not a
-  pass/fail), and sampled captions are deterministic per seed.
+  pass/fail), and sampled captions are deterministic per seed;
+- the decoding step as a CUDA graph (``FastBlipSampler.cuda_graphs``): tiny fp32 greedy tokens
+  equal transformers' exactly; at BLIP-base size in fp16, sampling is deterministic per seed, and
+  the time to decode one batch (256 images x 8 captions, 16 new tokens each) with growing shapes,
+  fixed shapes and the graph, and the graph's capture time.
 """
 
 from __future__ import annotations
@@ -48,10 +52,62 @@ def _pixels(cap, device, n):
     return torch.stack([cap.preprocess(im) for im in _photos(n)]).to(device)
 
 
+def _graph_timing(device, images=256, r=8) -> bool:
+    """BLIP-base decoding of one batch three ways (prints seconds; fp16 on CUDA, fp32 on the CPU,
+    where the "graph" is the fixed-shape step run as it is); True if sampling with the graph is
+    deterministic per seed."""
+    import time
+
+    import torch
+
+    from bench.score_speed import _sync, random_blip
+    from datacomp_sieve.caption import BlipCaptioner, seeded
+
+    dev = torch.device(device)
+    precision = "fp16" if dev.type == "cuda" else "fp32"
+    model, tok, size = random_blip("base", 0)
+    cap = BlipCaptioner(model, tok, device=device, precision=precision, image_size=size)
+    s = cap.sampler
+    with torch.inference_mode():
+        px = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev, cap.dtype)
+        emb = cap.encode_images(px)
+
+        def timed(seed=0):
+            _sync(dev)
+            t = time.perf_counter()
+            with seeded(seed, dev):
+                out = s.generate(emb, r)
+            _sync(dev)
+            return out, time.perf_counter() - t
+
+        timed()
+        growing = min(timed()[1] for _ in range(3))
+        s.cuda_graphs = True
+        s._loops.clear()
+        a, first = timed(1)  # allocation and capture
+        b, graph = timed(1)
+        c, _ = timed(2)
+        graph = min(graph, *(timed()[1] for _ in range(2)))
+        loop = next(iter(s._loops.values()))
+        loop.use_graph, loop.graph = False, None
+        fixed = min(timed()[1] for _ in range(3))
+        s.cuda_graphs = False
+    det = torch.equal(a, b) and not torch.equal(a, c)
+    print(f"base {precision} decoding of {images} images x {r} captions ({a.shape[1] - 4} new tokens): growing shapes "
+          f"{growing:.3f} s, fixed shapes {fixed:.3f} s, CUDA graph {graph:.3f} s "
+          f"({images / graph:.0f} images/s; first call with allocation and capture {first:.3f} s); "
+          f"graph sampling deterministic per seed: {det}")
+    return det
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--graph_images", type=int, default=256, help="images in the timed decoding batch (default 256)")
+    p.add_argument("--graph_only", action="store_true", help="only the CUDA graph timing (it runs on the CPU too)")
     args = p.parse_args(argv)
+    if args.graph_only:
+        return 0 if _graph_timing(args.device, args.graph_images) else 1
     import numpy as np
     import torch
 
@@ -70,13 +126,15 @@ def main(argv=None) -> int:
         emb = cap.encode_images(px)
         ref = _hf_greedy(cap, emb, 4)
         for fused in (False, True):
-            cap.sampler.fused_attention = fused
-            fast = cap.sampler.generate(emb, 4, sample=False)
-            same = fast.tolist() == ref.tolist()
-            ok &= same
-            print(f"tiny fp32 greedy, fused attention {fused}: {'EQUAL' if same else 'DIFFERENT'} to transformers "
-                  f"({fast.shape[0]} rows, lengths {fast.shape[1]} vs {ref.shape[1]})")
-    cap.sampler.fused_attention = None
+            for graphs in (False, True):
+                cap.sampler.fused_attention, cap.sampler.cuda_graphs = fused, graphs
+                fast = cap.sampler.generate(emb, 4, sample=False)
+                same = fast.tolist() == ref.tolist()
+                ok &= same
+                print(f"tiny fp32 greedy, fused attention {fused}, CUDA graph {graphs}: "
+                      f"{'EQUAL' if same else 'DIFFERENT'} to transformers "
+                      f"({fast.shape[0]} rows, lengths {fast.shape[1]} vs {ref.shape[1]})")
+    cap.sampler.fused_attention, cap.sampler.cuda_graphs = None, False
 
     # the decoding processes send uint8 crops, normalised on the GPU: the same numbers as the CPU transform
     from datacomp_sieve.caption import ImageTransform
@@ -107,6 +165,7 @@ def main(argv=None) -> int:
         ok &= det
         print(f"base {precision} greedy: {100 * share:.1f}% of tokens equal to transformers' greedy; "
               f"sampling deterministic per seed: {det}")
+    ok &= _graph_timing(args.device, args.graph_images)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

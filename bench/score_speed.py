@@ -454,7 +454,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default="",
                    help="after the rounds, time this engine alone at other settings: comma-separated BATCH, "
                         "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
-                        "TEXT: text-encoder processes), e.g. 256,512x14,256x12x3")
+                        "TEXT: text-encoder processes), each optionally ending in g (the decoding step as a CUDA "
+                        "graph), e.g. 256,512x14,256x12x3,256x12x3g")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -463,9 +464,10 @@ def main(argv=None) -> int:
     if args.reference_images is not None and not 1 <= args.reference_images <= args.images:
         p.error("--reference_images must be between 1 and --images")
     try:
-        sweep = [tuple(int(x) for x in item.split("x")) for item in args.sweep.split(",") if item.strip()]
+        sweep = [(tuple(int(x) for x in item.strip().removesuffix("g").split("x")), item.strip().endswith("g"))
+                 for item in args.sweep.split(",") if item.strip()]
     except ValueError:
-        p.error(f"--sweep: give BATCH or BATCHxTHREADS items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g] items, got {args.sweep!r}")
 
     import logging
 
@@ -636,7 +638,8 @@ def main(argv=None) -> int:
     if sweep:
         print()
         default_workers, default_text = scorer.decode_workers, scorer.text_workers
-        for item in sweep:
+        sampler = getattr(scorer.captioner, "sampler", None)
+        for item, graphs in sweep:
             batch = item[0]
             workers = item[1] if len(item) > 1 else default_workers
             text = item[2] if len(item) > 2 else default_text
@@ -644,14 +647,20 @@ def main(argv=None) -> int:
                 scorer.close()
                 scorer.decode_workers, scorer.text_workers = workers, text
                 run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the processes start
+            if sampler is not None and sampler.cuda_graphs != graphs:
+                sampler.cuda_graphs = graphs
+                run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the graphs are captured
             s_time, s_stage, s_rate = run_fast(dataclasses.replace(config, batch_size=batch))
             util = s_stage.pop("gpu utilisation %", None)
-            print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}: fast {s_rate:.2f} img/s "
+            print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}, CUDA graphs "
+                  f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "
                   f"({s_time:.2f} s); "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                   + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
         scorer.close()
         scorer.decode_workers, scorer.text_workers = default_workers, default_text
+        if sampler is not None:
+            sampler.cuda_graphs = False
     if rounds > 1:
         print(f"rates below: median over {rounds} rounds")
     scorer.close()

@@ -428,7 +428,7 @@ class BlipCaptioner(Captioner):
         return [t[cut:] for t in texts]
 
     def identity(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "weights": self.weights_info,
@@ -437,6 +437,9 @@ class BlipCaptioner(Captioner):
             "max_sequences_per_call": self.max_sequences_per_call,
             "decoding": self.decoding,
         }
+        if self.decoding == "fast" and self.sampler.cuda_graphs:  # other draws for a seed: not the same scores
+            out["decoding"] = "fast, fixed shapes (CUDA graphs)"
+        return out
 
 
 def build_tiny_blip(seed: int = 0, image_size: int = 64):

@@ -14,7 +14,13 @@ prompt, [SEP] ends a row, [PAD] after it) and differs only in how the numbers ar
 - images whose r rows have all ended leave the batch (when a quarter of it has), and the loop
   stops as soon as every row has ended.
 
-The random draws are consumed differently (one multinomial over 50 candidates per row and step),
+With ``cuda_graphs`` set, the per-token step instead runs on buffers of fixed shape (``_StaticLoop``:
+no compaction, self-attention over the whole cache with the slots not yet written masked out,
+positions and lengths as device tensors), so that on a GPU it is captured once as a CUDA graph
+and replayed, one launch per token instead of hundreds of kernel launches from Python; on the CPU
+the same step runs as it is (what the tests check).
+
+The random draws are consumed differently (one draw over 50 candidates per row and step),
 so captions for a seed differ from the reference path's; their distribution does not. With
 ``sample=False`` (greedy) the tokens equal transformers' greedy tokens. One detail: top-k keeps
 exactly 50 candidates, where transformers also keeps tokens tied with the 50th logit.
@@ -40,18 +46,21 @@ def _merge(x):
     return x.transpose(1, 2).reshape(n, t, h * d)
 
 
-def _attend(q, k, v, causal: bool = False, fused: bool = False):
+def _attend(q, k, v, causal: bool = False, fused: bool = False, valid=None):
     """Softmax attention: torch's fused kernel, or the model's own formula (matmul, scale, softmax,
-    matmul), whose fp32 results match the model's bit for bit."""
+    matmul), whose fp32 results match the model's bit for bit. ``valid``: a boolean mask over the
+    keys (False: not attended)."""
     import torch
 
     if fused:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid, is_causal=causal)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
         t = q.shape[-2]
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     return torch.matmul(scores.softmax(-1), v)
 
 
@@ -63,6 +72,10 @@ class FastBlipSampler:
     compact_below = 0.75
     #: torch's fused attention kernel (None: on GPUs; the CPU uses the model's own formula)
     fused_attention: bool | None = None
+    #: the per-token step on fixed-shape buffers, replayed as a CUDA graph on GPUs (module docstring)
+    cuda_graphs: bool = False
+    #: how many fixed-shape loops (and graphs) are kept, the most recently used
+    static_loops_kept = 2
 
     def __init__(self, text_decoder, settings, prompt_ids, sep_id: int, pad_id: int):
         self.lm = text_decoder
@@ -71,14 +84,16 @@ class FastBlipSampler:
         self.settings = settings
         self.prompt_ids = prompt_ids
         self.sep_id, self.pad_id = sep_id, pad_id
+        self._loops: dict = {}
 
     # -- the decoder ---------------------------------------------------------------------------
 
-    def _embed(self, ids, start: int):
+    def _embed(self, ids, start):
+        """Embeddings of ids (N, T) at positions start.. (an int, or a 1-element tensor when T is 1)."""
         import torch
 
         emb = self.bert.embeddings
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device) if isinstance(start, int) else start
         x = emb.word_embeddings(ids) + emb.position_embeddings(pos)[None]
         return emb.LayerNorm(x)
 
@@ -90,16 +105,22 @@ class FastBlipSampler:
             out.append((_split(ca.key(image_embeds), self.heads), _split(ca.value(image_embeds), self.heads)))
         return out
 
-    def _layers(self, x, cross, cache, pos: int, r: int):
+    def _layers(self, x, cross, cache, pos, r: int, valid=None):
         """Run every layer on x (N, T, D); N is B (the prompt, T tokens from 0) or B*r (one token
-        at ``pos``). Self-attention keys/values are written into ``cache`` (B*r rows)."""
+        at ``pos``). Self-attention keys/values are written into ``cache`` (B*r rows). With
+        ``valid`` (a boolean mask over the cache's slots), ``pos`` is a 1-element tensor and the
+        token attends to the whole cache, masked: shapes do not depend on the position."""
         b = cross[0][0].shape[0]
         n, t, d = x.shape
         fused = self.fused_attention if self.fused_attention is not None else x.device.type != "cpu"
         for layer, (ck, cv), (kc, vc) in zip(self.bert.encoder.layer, cross, cache):
             sa = layer.attention.self
             q, k, v = (_split(f(x), self.heads) for f in (sa.query, sa.key, sa.value))
-            if pos == 0:  # the prompt, once per image: attend within it, then copy to the r rows
+            if valid is not None:  # fixed shapes: write at pos, attend to the valid slots
+                kc.index_copy_(2, pos, k)
+                vc.index_copy_(2, pos, v)
+                ctx = _attend(q, kc, vc, fused=fused, valid=valid)
+            elif pos == 0:  # the prompt, once per image: attend within it, then copy to the r rows
                 ctx = _attend(q, k, v, causal=True, fused=fused)
                 kc[:, :, :t] = k.repeat_interleave(r, 0)
                 vc[:, :, :t] = v.repeat_interleave(r, 0)
@@ -134,13 +155,16 @@ class FastBlipSampler:
         return vals.masked_fill(drop.flip(-1), -math.inf).softmax(-1), idx
 
     def _penalised(self, logits, seen, cur_len: int):
-        """Repetition penalty over every token so far (prompt included), [SEP] banned below min_length."""
+        """Repetition penalty over every token so far (prompt included), [SEP] banned below min_length.
+        ``cur_len``: an int, or a 1-element tensor (then the ban is a masked write, no branch)."""
         import torch
 
         s = self.settings
         score = logits.gather(1, seen)
         logits.scatter_(1, seen, torch.where(score < 0, score * s.repetition_penalty, score / s.repetition_penalty))
-        if cur_len < s.min_length:
+        if not isinstance(cur_len, int):
+            logits[:, self.sep_id].masked_fill_(cur_len < s.min_length, -math.inf)
+        elif cur_len < s.min_length:
             logits[:, self.sep_id] = -math.inf
         return logits
 
@@ -150,7 +174,10 @@ class FastBlipSampler:
         if not sample:
             return self._penalised(logits, seen, cur_len).argmax(-1)
         probs, idx = self.candidates(logits, seen, cur_len)
-        return idx.gather(1, torch.multinomial(probs, 1)).squeeze(1)
+        # one draw per row, as torch.multinomial(probs, 1) makes it (the same numbers on the CPU,
+        # tested), written out so that it can be captured in a CUDA graph: argmax of probs / Exp(1)
+        q = torch.empty_like(probs).exponential_()
+        return idx.gather(1, (probs / q).argmax(-1, keepdim=True)).squeeze(1)
 
     def generate(self, image_embeds, r: int, sample: bool = True):
         """Token ids (B*r, L): prompt included, r consecutive rows per image, [PAD] after [SEP],
@@ -165,6 +192,8 @@ class FastBlipSampler:
         p = prompt.shape[0]
         if s.max_length <= p:
             return prompt.repeat(n, 1)
+        if self.cuda_graphs:
+            return self._generate_static(image_embeds, r, sample)
         cross = self._cross(image_embeds)
         d = self.lm.config.hidden_size
         shape = (n, self.heads, s.max_length, d // self.heads)
@@ -199,3 +228,120 @@ class FastBlipSampler:
             x = self._layers(self._embed(nxt[:, None], cur), cross, cache, cur, r)
             logits = self.lm.cls(x[:, -1]).float()
         return out
+
+    # -- fixed shapes, CUDA graphs ----------------------------------------------------------------
+
+    def _generate_static(self, image_embeds, r: int, sample: bool):
+        """``generate`` on a ``_StaticLoop``: rows are never compacted, every step has the same
+        shapes; on CUDA the step is a CUDA graph (captured the first time a shape is seen)."""
+        key = (tuple(image_embeds.shape), image_embeds.dtype, str(image_embeds.device), r, sample)
+        loop = self._loops.pop(key, None)
+        if loop is None:
+            while len(self._loops) >= self.static_loops_kept:
+                self._loops.pop(next(iter(self._loops)))
+            loop = _StaticLoop(self, image_embeds, r, sample)
+        self._loops[key] = loop  # the most recently used last
+        return loop.run(image_embeds)
+
+
+class _StaticLoop:
+    """BLIP's sampling loop on buffers allocated once for one batch shape.
+
+    State between steps lives in the buffers: the cross-attention keys/values, the self-attention
+    cache, the token rows (``seen``: slots not yet sampled hold the prompt's first token, which is
+    in every row already, so the repetition penalty gathering the whole row sees the same set of
+    tokens as the growing rows of ``generate``), which rows are still running, and the position
+    (a device tensor). ``step`` runs the layers on the last token, then samples the next one; it
+    reads and writes nothing else, so a CUDA graph of it can be replayed once per token. After each
+    step the host reads whether any row is still running, as ``generate`` does."""
+
+    def __init__(self, sampler: FastBlipSampler, image_embeds, r: int, sample: bool):
+        import torch
+
+        self.s, self.r, self.sample = sampler, r, sample
+        dev = image_embeds.device
+        b, patches, _ = image_embeds.shape
+        n, heads = b * r, sampler.heads
+        dh = sampler.lm.config.hidden_size // heads
+        length = sampler.settings.max_length
+        layers = len(sampler.bert.encoder.layer)
+        self.cross = [(image_embeds.new_zeros(b, heads, patches, dh), image_embeds.new_zeros(b, heads, patches, dh))
+                      for _ in range(layers)]
+        # zeros: slots not yet written are masked out, and must hold finite numbers (0 * nan is nan)
+        self.cache = [(image_embeds.new_zeros(n, heads, length, dh), image_embeds.new_zeros(n, heads, length, dh))
+                      for _ in range(layers)]
+        self.seen = torch.zeros(n, length, dtype=torch.long, device=dev)
+        self.running = torch.ones(n, dtype=torch.bool, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.slots = torch.arange(length, device=dev)
+        self.graph = None
+        self.use_graph = dev.type == "cuda"
+
+    def load(self, image_embeds):
+        """This batch: its cross-attention keys/values, the prompt through the layers (once per
+        image, copied to its r rows), the first sampled token."""
+        s = self.s
+        prompt = s.prompt_ids.to(image_embeds.device)
+        p = prompt.shape[0]
+        for (k, v), (ck, cv) in zip(self.cross, s._cross(image_embeds)):
+            k.copy_(ck)
+            v.copy_(cv)
+        x = s._layers(s._embed(prompt[None].expand(image_embeds.shape[0], p), 0), self.cross, self.cache, 0, self.r)
+        self.seen.fill_(int(s.prompt_ids[0]))
+        self.seen[:, :p] = prompt
+        self.running.fill_(True)
+        self.pos.fill_(p)
+        self._sample(s.lm.cls(x[:, -1]).float().repeat_interleave(self.r, 0))
+
+    def _sample(self, logits):
+        """The token at ``pos`` for every row ([PAD] for rows that have ended)."""
+        import torch
+
+        s = self.s
+        nxt = s._next(logits, self.seen, self.pos, self.sample)
+        nxt = torch.where(self.running, nxt, s.pad_id)
+        self.seen.index_copy_(1, self.pos, nxt[:, None])
+        self.running &= nxt != s.sep_id
+
+    def step(self):
+        s = self.s
+        x = s._layers(s._embed(self.seen.index_select(1, self.pos), self.pos), self.cross, self.cache, self.pos,
+                      self.r, valid=(self.slots <= self.pos)[None])
+        self.pos += 1
+        self._sample(s.lm.cls(x[:, -1]).float())
+
+    def _capture(self):
+        """Record ``step`` as a CUDA graph (after two warm-up steps on a side stream, as CUDA graphs
+        need); the RNG state is restored afterwards, so capturing changes no caption."""
+        import torch
+
+        dev = self.pos.device
+        with torch.random.fork_rng(devices=[dev.index if dev.index is not None else torch.cuda.current_device()]):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self.step()
+                self.step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the text half may use the GPU from another thread meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.step()
+        self.graph = graph
+
+    def run(self, image_embeds):
+        """Token ids (B*r, L) as ``FastBlipSampler.generate`` returns them."""
+        if self.use_graph and self.graph is None:
+            self.load(image_embeds)  # the capture runs on real numbers; reloaded below
+            self._capture()
+        self.load(image_embeds)
+        p = self.s.prompt_ids.shape[0]
+        length = self.s.settings.max_length
+        cur = p
+        while cur + 1 < length and bool(self.running.any()):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            cur += 1
+        return self.seen[:, :cur + 1].clone()

@@ -66,9 +66,10 @@ def test_greedy_tokens_equal_transformers_greedy(pixels, sep_bias, fused):
     assert fast.tolist() == ref.tolist()
 
 
-def test_greedy_equal_with_rows_ending_at_different_steps_and_compaction(monkeypatch):
-    """Images whose rows end at different steps: the batch is compacted as they end; the tokens
-    stay exactly greedy's. (A random tiny BLIP barely looks at the image, so here its
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_greedy_equal_with_rows_ending_at_different_steps_and_compaction(monkeypatch, fixed_shapes):
+    """Images whose rows end at different steps: the batch is compacted as they end (or, with
+    fixed shapes, ended rows are carried to the end); the tokens stay exactly greedy's. (A random tiny BLIP barely looks at the image, so here its
     cross-attention is amplified and the image features are made distinct, and [SEP]'s logit
     depends on the hidden state.)"""
     cap = build_captioner("tiny", device="cpu")
@@ -91,6 +92,11 @@ def test_greedy_equal_with_rows_ending_at_different_steps_and_compaction(monkeyp
             found = seed
             break
     assert found is not None, "no bias seed gives rows of different lengths"
+    if fixed_shapes:
+        cap.sampler.cuda_graphs = True
+        with torch.inference_mode():
+            assert cap.sampler.generate(emb, 2, sample=False).tolist() == ref.tolist()
+        return
     sizes = []
     real = FastBlipSampler._layers
 
@@ -233,3 +239,66 @@ def test_caption_lengths_and_determinism_match_the_reference_path(pixels):
     assert not torch.equal(b, _samples(fast, sub, r, seed=3))
     late_end = _focused(build_captioner("tiny", device="cpu"), GenerationSettings(min_length=12))
     assert _chi2_p(la, _lengths(_samples(late_end, sub, r, seed=2), r)) < 1e-6
+
+
+# -- fixed shapes (the step a CUDA graph replays; on the CPU it runs as it is) -------------------
+
+
+def test_the_draw_is_torch_multinomial():
+    """The sampler draws with argmax(probs / Exp(1)), written out so that a CUDA graph can hold it:
+    on the CPU the same numbers as torch.multinomial(probs, 1) for the same RNG state."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(500, 50, generator=g).softmax(-1)
+    probs[:, 35:] = 0  # top-p cut the tail
+    torch.manual_seed(3)
+    want = torch.multinomial(probs, 1).squeeze(1)
+    torch.manual_seed(3)
+    q = torch.empty_like(probs).exponential_()
+    got = (probs / q).argmax(-1)
+    assert torch.equal(got, want) and len(set(want.tolist())) > 20
+
+
+@pytest.mark.parametrize("sep_bias,fused", [(None, False), (6.5, False), (8.0, False), (6.5, True)])
+def test_fixed_shape_loop_greedy_equals_transformers_greedy(pixels, sep_bias, fused):
+    cap = build_captioner("tiny", device="cpu")
+    cap.sampler.fused_attention = fused
+    cap.sampler.cuda_graphs = True
+    if sep_bias is not None:
+        _peaked(cap, sep_bias, seed=int(sep_bias or 0))
+    with torch.inference_mode():
+        emb = cap.encode_images(pixels)
+        fast = cap.sampler.generate(emb, 3, sample=False)
+        ref = _hf_greedy(cap, emb, 3)
+    assert fast.tolist() == ref.tolist()
+    if sep_bias == 8.0:
+        assert fast.shape[1] < 20  # every row ended early: the loop stopped when they had
+
+
+def test_fixed_shape_loop_samples_what_the_growing_loop_samples(pixels):
+    """Sampling with the fixed-shape step gives the same tokens as the loop with growing shapes
+    when that one does not compact (both draw the same numbers in the same order), rows ending
+    at many different lengths; a second batch of another shape, and the first shape again
+    (its buffers reused), give the same tokens as fresh loops; results repeat per seed."""
+    fast = _focused(build_captioner("tiny", device="cpu"))
+    fast.sampler.compact_below = 0.0
+    want = [_samples(fast, pixels[:k], 30, seed=k) for k in (6, 4)]
+    lengths = {int((row != PAD).sum()) for row in want[0]}
+    assert len(lengths) > 8 and want[0].shape[1] == 20
+    fast.sampler.cuda_graphs = True
+    for _ in range(2):
+        got = [_samples(fast, pixels[:k], 30, seed=k) for k in (6, 4)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(fast.sampler._loops) == 2
+    fast.sampler.static_loops_kept = 1
+    assert torch.equal(_samples(fast, pixels[:5], 30, seed=5), _samples(fast, pixels[:5], 30, seed=5))
+    assert len(fast.sampler._loops) == 1
+    assert not torch.equal(_samples(fast, pixels[:6], 30, seed=1), want[0])
+
+
+def test_fixed_shape_loop_lengths_match_the_reference_path(pixels):
+    sub = pixels[:3]
+    r = 200
+    ref = _focused(build_captioner("tiny", device="cpu", decoding="reference"))
+    fast = _focused(build_captioner("tiny", device="cpu"))
+    fast.sampler.cuda_graphs = True
+    assert _chi2_p(_lengths(_samples(ref, sub, r, seed=1), r), _lengths(_samples(fast, sub, r, seed=2), r)) > 1e-3
