@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from datacomp_sieve.caption import build_blip_tokenizer
+    from datacomp_sieve.caption import GenerationSettings, build_blip_tokenizer, decode_captions
     from datacomp_sieve.text import TextEncoder, sieve_scores
 
     torch.set_num_threads(1)
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     alts = [" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) for _ in range(n)]
     t = time.perf_counter()
-    texts = tok.batch_decode(ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    caps = [[x[len("a picture of "):] for x in texts[i * r:(i + 1) * r]] for i in range(n)]
+    texts = decode_captions(tok, ids, GenerationSettings().prompt)  # what BlipCaptioner.decode does
+    caps = [texts[i * r:(i + 1) * r] for i in range(n)]
     decode_s = time.perf_counter() - t
     t = time.perf_counter()
     sieve_scores(enc, alts, caps)

@@ -296,6 +296,21 @@ def build_blip_tokenizer(vocab_path: str | None = None):
     return tok
 
 
+def decode_captions(tokenizer, ids, prompt: str) -> list[str]:
+    """BLIP token rows (a tensor or lists) -> captions: special tokens skipped, tokenisation spaces
+    cleaned up, the prompt's ``len(prompt)`` characters cut (as the reference)."""
+    rows = ids.tolist() if hasattr(ids, "tolist") else ids
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode_batch"):
+        # what batch_decode(..., clean_up_tokenization_spaces=True) returns (tested), with the
+        # rows decoded in parallel in Rust and without holding the GIL
+        clean = tokenizer.clean_up_tokenization
+        texts = [clean(t) for t in backend.decode_batch(rows, skip_special_tokens=True)]
+    else:
+        texts = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [t[len(prompt):] for t in texts]
+
+
 class BlipCaptioner(Captioner):
     """transformers ``BlipForConditionalGeneration`` + BLIP tokenizer, sampling like the reference.
 
@@ -423,9 +438,7 @@ class BlipCaptioner(Captioner):
 
     def decode(self, ids) -> list[str]:
         """Token rows -> captions: special tokens skipped, the prompt's characters cut."""
-        texts = self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        cut = len(self.settings.prompt)
-        return [t[cut:] for t in texts]
+        return decode_captions(self.tokenizer, ids, self.settings.prompt)
 
     def identity(self) -> dict:
         out = {

@@ -263,6 +263,28 @@ def test_decode_skips_special_tokens_and_cuts_prompt(either, photos):
         assert "[SEP]" not in text and "[PAD]" not in text and "[DEC]" not in text
 
 
+def test_decode_equals_transformers_batch_decode():
+    """decode() takes a faster route (the tokenizer backend's batch decode, then the same clean-up)
+    to what batch_decode returns: checked on rows drawn from the whole vocabulary (punctuation,
+    word pieces, [UNK] and special tokens among them), ended at random places."""
+    cap = build_captioner("tiny", device="cpu")
+    tok = cap.tokenizer
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tok), (3000, 20), generator=g)
+    ids[:, :4] = torch.tensor(PROMPT_IDS)
+    ids[::3, 4:9] = torch.randint(999, 1064, (1000, 5), generator=g)  # punctuation: ' s, n ' t, ( ), ...
+    ends = torch.randint(4, 21, (3000,), generator=g)
+    for row, end in zip(ids, ends.tolist()):
+        if end < 20:
+            row[end], row[end + 1:] = SEP, PAD
+    want = [t[len("a picture of "):] for t in
+            tok.batch_decode(ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)]
+    got = cap.decode(ids)
+    assert got == want
+    raw = tok.batch_decode(ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert sum(a != b for a, b in zip(raw, want)) > 100  # the clean-up ("cat ' s" -> "cat's") mattered
+
+
 def test_chunked_generation_and_precision_options(photos):
     cap = build_captioner("tiny", device="cpu", max_sequences_per_call=8)
     ims = [photos["chelsea"], photos["astronaut"], photos["china"]]
