@@ -356,26 +356,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _time_captioner_stages(captioner, device) -> dict:
-    """Time a BLIP captioner's vision encoder and decoding separately (the device is synchronised
-    around each, a negligible cost per batch). Returns the dict the times accumulate in; empty
-    for captioners without those stages."""
-    if not hasattr(captioner, "encode_images") or not hasattr(captioner, "_generate_from_embeds"):
-        return {}
-    times = {"vision": 0.0, "decoding": 0.0}
+def _time_stages(device, times=None, **methods) -> dict:
+    """Time methods of objects in place: ``key=(obj, "method")``; with a ``device``, it is
+    synchronised around each call (a negligible cost per batch; None for methods that return host
+    data anyway). Returns the dict the seconds accumulate in (``times``, or a new one), one key per
+    method found (an object without the method is left alone)."""
+    times = {} if times is None else times
 
     def timed(key, fn):
         def run(*a, **kw):
-            _sync(device)
+            if device is not None:
+                _sync(device)
             t = time.perf_counter()
             out = fn(*a, **kw)
-            _sync(device)
+            if device is not None:
+                _sync(device)
             times[key] += time.perf_counter() - t
             return out
         return run
 
-    captioner.encode_images = timed("vision", captioner.encode_images)
-    captioner._generate_from_embeds = timed("decoding", captioner._generate_from_embeds)
+    for key, (obj, name) in methods.items():
+        if obj is not None and hasattr(obj, name):
+            times[key] = 0.0
+            setattr(obj, name, timed(key, getattr(obj, name)))
     return times
 
 
@@ -543,14 +546,20 @@ def main(argv=None) -> int:
         reference.max_length_hits = reference.sequences = 0
         print(f"warm-up: {n_warm} images through each pipeline in {time.perf_counter() - t:.1f} s (not timed)")
 
-    split = _time_captioner_stages(scorer.captioner, torch.device(args.device))
+    # the captioning and text halves' parts (the text parts only where the text half runs in this
+    # process: with text processes they run there, untimed)
+    cap = scorer.captioner
+    split = _time_stages(torch.device(args.device), **{
+        "caption: vision encoder": (cap, "encode_images"), "caption: decoding": (cap, "_generate_from_embeds")})
+    # not synchronised: the text half runs on its own stream beside the captioning
+    _time_stages(None, split, **{"text: token rows -> captions": (cap, "decode"),
+                                 "text: MiniLM encode": (scorer.text, "encode")})
 
     def run_fast(cfg=config):
         scorer.config = cfg
         fast_dir = _fresh(os.path.join(work, "fast"))
         _sync(torch.device(args.device))
-        if split:
-            split.update(vision=0.0, decoding=0.0)
+        split.update(dict.fromkeys(split, 0.0))
         gpu = GpuUtilisation(args.device)
         t = time.perf_counter()
         manifest = score_pool(shards, fast_dir, cfg, overwrite=True, progress=False, scorer=scorer)
@@ -567,9 +576,7 @@ def main(argv=None) -> int:
         if ok != args.images:
             print(f"WARNING: the engine scored {ok} of {args.images} images: {manifest.get('status')}")
         fast_rate = args.images / fast_s
-        if "vision" in split:
-            stage["caption: vision encoder"] = split["vision"]
-            stage["caption: decoding"] = split["decoding"]
+        stage.update({k: v for k, v in split.items() if v or not k.startswith("text: ")})
         if gpu.samples:
             stage["gpu utilisation %"] = gpu.mean()
         return fast_s, stage, fast_rate
@@ -616,7 +623,7 @@ def main(argv=None) -> int:
 
     util = stage.pop("gpu utilisation %", None)
     # with the text half on a thread, text overlaps captioning: the stages then sum to more than the wall time
-    other = fast_s - sum(v for k, v in stage.items() if not k.startswith("caption: "))
+    other = fast_s - sum(v for k, v in stage.items() if not k.startswith(("caption: ", "text: ")))
     print()
     print(f"fast ({per}): {args.images} images in {fast_s:.2f} s; stages (store shard stats): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in stage.items())

@@ -310,7 +310,9 @@ class ShardScorer:
         gen = torch.Generator(device="cpu").manual_seed(shard_seed(cfg.seed, shard.stem))
         rows = {k: [] for k in schema(self.clip is not None).names}
         counts: dict = {}
-        timings = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
+        # text_wait: time the captioning loop waited for text halves running beside it (with the
+        # text half on a thread or in processes; in line it is 0 and "text" is on the main path)
+        timings = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0, "text_wait": 0.0}
         pending: list = []  # (row index, image, pixels, alt-text)
 
         texts_ahead = deque()  # text halves of earlier batches, running on threads, oldest first
@@ -359,8 +361,10 @@ class ShardScorer:
                 stacked = torch.stack(pixels)
             captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t
+            t = time.time()
             while len(texts_ahead) >= depth:
                 fill(*texts_ahead.popleft().result())
+            timings["text_wait"] += time.time() - t
             if text_thread is not None:
                 texts_ahead.append(text_thread.submit(text_half, idx, images, texts, captions))
             else:
@@ -394,8 +398,10 @@ class ShardScorer:
                     progress.update(1)
             timings["read"] += time.time() - t
             flush()
+            t = time.time()
             while texts_ahead:
                 fill(*texts_ahead.popleft().result())
+            timings["text_wait"] += time.time() - t
         finally:
             if text_thread is not None:
                 text_thread.shutdown(cancel_futures=True)

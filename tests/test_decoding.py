@@ -293,6 +293,8 @@ def test_fixed_shape_loop_samples_what_the_growing_loop_samples(pixels):
     assert torch.equal(_samples(fast, pixels[:5], 30, seed=5), _samples(fast, pixels[:5], 30, seed=5))
     assert len(fast.sampler._loops) == 1
     assert not torch.equal(_samples(fast, pixels[:6], 30, seed=1), want[0])
+    # other draws for a seed than the growing loop's (no compaction): score stores must tell them apart
+    assert fast.identity()["decoding"] != build_captioner("tiny", device="cpu").identity()["decoding"]
 
 
 def test_fixed_shape_loop_lengths_match_the_reference_path(pixels):
