@@ -76,6 +76,10 @@ class FastBlipSampler:
     cuda_graphs: bool = False
     #: how many fixed-shape loops (and graphs) are kept, the most recently used
     static_loops_kept = 2
+    #: the fixed-shape loop draws its random numbers for every step of a batch beforehand (so that
+    #: no draw happens inside the graph); above this many candidates per row (top-k off or large)
+    #: that is too much memory, and ``cuda_graphs`` is ignored
+    static_max_candidates = 1024
 
     def __init__(self, text_decoder, settings, prompt_ids, sep_id: int, pad_id: int):
         self.lm = text_decoder
@@ -168,15 +172,21 @@ class FastBlipSampler:
             logits[:, self.sep_id] = -math.inf
         return logits
 
-    def _next(self, logits, seen, cur_len: int, sample: bool):
+    def _width(self, vocab: int) -> int:
+        """How many candidates ``candidates`` returns per row."""
+        k = self.settings.top_k
+        return min(k, vocab) if k else vocab
+
+    def _next(self, logits, seen, cur_len: int, sample: bool, noise=None):
+        """The next token of every row. Sampling draws as torch.multinomial(probs, 1) does (the same
+        numbers on the CPU, tested): argmax of probs / q, q ~ Exp(1) per candidate; ``noise``: those
+        q, drawn beforehand (N, candidates)."""
         import torch
 
         if not sample:
             return self._penalised(logits, seen, cur_len).argmax(-1)
         probs, idx = self.candidates(logits, seen, cur_len)
-        # one draw per row, as torch.multinomial(probs, 1) makes it (the same numbers on the CPU,
-        # tested), written out so that it can be captured in a CUDA graph: argmax of probs / Exp(1)
-        q = torch.empty_like(probs).exponential_()
+        q = torch.empty_like(probs).exponential_() if noise is None else noise
         return idx.gather(1, (probs / q).argmax(-1, keepdim=True)).squeeze(1)
 
     def generate(self, image_embeds, r: int, sample: bool = True):
@@ -192,7 +202,7 @@ class FastBlipSampler:
         p = prompt.shape[0]
         if s.max_length <= p:
             return prompt.repeat(n, 1)
-        if self.cuda_graphs:
+        if self.cuda_graphs and self._width(self.lm.config.vocab_size) <= self.static_max_candidates:
             return self._generate_static(image_embeds, r, sample)
         cross = self._cross(image_embeds)
         d = self.lm.config.hidden_size
@@ -251,9 +261,13 @@ class _StaticLoop:
     cache, the token rows (``seen``: slots not yet sampled hold the prompt's first token, which is
     in every row already, so the repetition penalty gathering the whole row sees the same set of
     tokens as the growing rows of ``generate``), which rows are still running, and the position
-    (a device tensor). ``step`` runs the layers on the last token, then samples the next one; it
-    reads and writes nothing else, so a CUDA graph of it can be replayed once per token. After each
-    step the host reads whether any row is still running, as ``generate`` does."""
+    (a device tensor); the random numbers of all steps are drawn when a batch is loaded. ``step``
+    runs the layers on the last token, then samples the next one; it reads and writes nothing else
+    and draws nothing, so a CUDA graph of it can be replayed once per token. After each step the
+    host reads whether any row is still running, as ``generate`` does."""
+
+    #: replay the step as a CUDA graph (None: on CUDA devices)
+    use_graph: bool | None = None
 
     def __init__(self, sampler: FastBlipSampler, image_embeds, r: int, sample: bool):
         import torch
@@ -274,8 +288,12 @@ class _StaticLoop:
         self.running = torch.ones(n, dtype=torch.bool, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.slots = torch.arange(length, device=dev)
+        self.first = sampler.prompt_ids.shape[0]  # the first sampled position
+        # the random numbers of every step, drawn in ``load``: the same numbers, in the same order,
+        # as the growing-shape loop draws step by step (on the CPU; tested)
+        width = sampler._width(sampler.lm.config.vocab_size)
+        self.noise = torch.empty(max(length - self.first, 1), n, width, device=dev) if sample else None
         self.graph = None
-        self.use_graph = dev.type == "cuda"
 
     def load(self, image_embeds):
         """This batch: its cross-attention keys/values, the prompt through the layers (once per
@@ -291,6 +309,8 @@ class _StaticLoop:
         self.seen[:, :p] = prompt
         self.running.fill_(True)
         self.pos.fill_(p)
+        if self.noise is not None:
+            self.noise.exponential_()
         self._sample(s.lm.cls(x[:, -1]).float().repeat_interleave(self.r, 0))
 
     def _sample(self, logits):
@@ -298,7 +318,8 @@ class _StaticLoop:
         import torch
 
         s = self.s
-        nxt = s._next(logits, self.seen, self.pos, self.sample)
+        noise = None if self.noise is None else self.noise.index_select(0, self.pos - self.first)[0]
+        nxt = s._next(logits, self.seen, self.pos, self.sample, noise)
         nxt = torch.where(self.running, nxt, s.pad_id)
         self.seen.index_copy_(1, self.pos, nxt[:, None])
         self.running &= nxt != s.sep_id
@@ -311,33 +332,41 @@ class _StaticLoop:
         self._sample(s.lm.cls(x[:, -1]).float())
 
     def _capture(self):
-        """Record ``step`` as a CUDA graph (after two warm-up steps on a side stream, as CUDA graphs
-        need); the RNG state is restored afterwards, so capturing changes no caption."""
+        """Record ``step`` as a CUDA graph, after two warm-up steps on a side stream (as CUDA graphs
+        need). The step draws no random numbers (they are in ``noise``), so the graph holds none."""
         import torch
 
         dev = self.pos.device
-        with torch.random.fork_rng(devices=[dev.index if dev.index is not None else torch.cuda.current_device()]):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.pos.fill_(self.first)  # every step from the first position: all stay in range
                 self.step()
-                self.step()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the text half may use the GPU from another thread meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.pos.fill_(self.first)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the text half may use the GPU from another thread meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.step()
         self.graph = graph
 
     def run(self, image_embeds):
         """Token ids (B*r, L) as ``FastBlipSampler.generate`` returns them."""
-        if self.use_graph and self.graph is None:
-            self.load(image_embeds)  # the capture runs on real numbers; reloaded below
-            self._capture()
-        self.load(image_embeds)
-        p = self.s.prompt_ids.shape[0]
+        import torch
+
         length = self.s.settings.max_length
-        cur = p
+        dev = self.pos.device
+        graphs = self.use_graph if self.use_graph is not None else dev.type == "cuda"
+        if graphs and self.graph is None and length - self.first >= 2:  # at least one step
+            # the capture runs on this batch's numbers (loaded again below); its random numbers
+            # are given back, so capturing changes no caption
+            cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                self.load(image_embeds)
+                self._capture()
+        self.load(image_embeds)
+        cur = self.first
         while cur + 1 < length and bool(self.running.any()):
             if self.graph is not None:
                 self.graph.replay()

@@ -304,3 +304,31 @@ def test_fixed_shape_loop_lengths_match_the_reference_path(pixels):
     fast = _focused(build_captioner("tiny", device="cpu"))
     fast.sampler.cuda_graphs = True
     assert _chi2_p(_lengths(_samples(ref, sub, r, seed=1), r), _lengths(_samples(fast, sub, r, seed=2), r)) > 1e-3
+
+
+def test_capturing_changes_no_caption(pixels, monkeypatch):
+    """The graph path's bookkeeping, on the CPU: capturing steps the loop on the first batch's
+    numbers and draws random numbers; the batch is then loaded again with the RNG as it was, and
+    the replays (here: the step itself, standing in for the graph) give the eager loop's tokens."""
+    from types import SimpleNamespace
+
+    from datacomp_sieve.decoding import _StaticLoop
+
+    captured = []
+
+    def capture(self):  # what _capture does, minus the CUDA calls
+        for _ in range(3):
+            self.pos.fill_(self.first)
+            self.step()
+        self.graph = SimpleNamespace(replay=self.step)
+        captured.append(self)
+
+    fast = _focused(build_captioner("tiny", device="cpu"))
+    fast.sampler.cuda_graphs = True
+    want = _samples(fast, pixels[:4], 30, seed=1)
+    fast.sampler._loops.clear()
+    monkeypatch.setattr(_StaticLoop, "_capture", capture)
+    monkeypatch.setattr(_StaticLoop, "use_graph", True, raising=False)
+    for _ in range(2):
+        assert torch.equal(_samples(fast, pixels[:4], 30, seed=1), want)
+    assert len(captured) == 1  # captured once for the shape, replayed for the second batch
