@@ -90,25 +90,21 @@ def _graph_timing(device, images=256, r=8) -> bool:
         graph = min(graph, *(timed()[1] for _ in range(2)))
         loop = next(iter(s._loops.values()))
         loop.use_graph, loop.graph = False, None
+        eager, _ = timed(1)
         fixed = min(timed()[1] for _ in range(3))
         s.cuda_graphs = False
     det = torch.equal(a, b) and not torch.equal(a, c)
+    same = torch.equal(a, eager)
     print(f"base {precision} decoding of {images} images x {r} captions ({a.shape[1] - 4} new tokens): growing shapes "
           f"{growing:.3f} s, fixed shapes {fixed:.3f} s, CUDA graph {graph:.3f} s "
           f"({images / graph:.0f} images/s; first call with allocation and capture {first:.3f} s); "
-          f"graph sampling deterministic per seed: {det}")
-    return det
+          f"graph sampling deterministic per seed: {det}; graph tokens {'EQUAL' if same else 'DIFFERENT'} to the "
+          f"same step run eagerly")
+    return det and same
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--graph_images", type=int, default=256, help="images in the timed decoding batch (default 256)")
-    p.add_argument("--graph_only", action="store_true", help="only the CUDA graph timing (it runs on the CPU too)")
-    args = p.parse_args(argv)
-    if args.graph_only:
-        return 0 if _graph_timing(args.device, args.graph_images) else 1
-    import numpy as np
+def _tiny_greedy(device) -> bool:
+    """Tiny BLIP fp32 greedy tokens, fused attention and CUDA graph on and off, against transformers'."""
     import torch
 
     from bench.score_speed import random_blip
@@ -120,8 +116,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         head.bias.copy_(2.0 * torch.randn(head.bias.shape, generator=torch.Generator().manual_seed(6)))
         head.bias[tok.sep_token_id] = 6.5
-    cap = BlipCaptioner(model, tok, device=args.device, precision="fp32", image_size=size)
-    px = _pixels(cap, args.device, 12)
+    cap = BlipCaptioner(model, tok, device=device, precision="fp32", image_size=size)
+    px = _pixels(cap, device, 12)
     with torch.inference_mode():
         emb = cap.encode_images(px)
         ref = _hf_greedy(cap, emb, 4)
@@ -135,23 +131,38 @@ def main(argv=None) -> int:
                       f"{'EQUAL' if same else 'DIFFERENT'} to transformers "
                       f"({fast.shape[0]} rows, lengths {fast.shape[1]} vs {ref.shape[1]})")
     cap.sampler.fused_attention, cap.sampler.cuda_graphs = None, False
+    return ok
 
-    # the decoding processes send uint8 crops, normalised on the GPU: the same numbers as the CPU transform
+
+def _gpu_normalize(device) -> bool:
+    """The decoding processes send uint8 crops, normalised on the GPU: the same numbers as the CPU transform."""
+    import numpy as np
+    import torch
+
     from datacomp_sieve.caption import ImageTransform
 
     t = ImageTransform(224)
     ims = _photos()
     cpu = torch.stack([t(im) for im in ims])
-    gpu = t.normalize(torch.from_numpy(np.stack([t.to_uint8(im) for im in ims])).to(args.device)).cpu()
+    gpu = t.normalize(torch.from_numpy(np.stack([t.to_uint8(im) for im in ims])).to(device)).cpu()
     same = torch.equal(cpu, gpu)
-    ok &= same
-    print(f"uint8 crops normalised on {args.device} {'EQUAL' if same else 'DIFFERENT'} to the CPU transform "
+    print(f"uint8 crops normalised on {device} {'EQUAL' if same else 'DIFFERENT'} to the CPU transform "
           f"(max difference {(cpu - gpu).abs().max().item():.3g})")
+    return same
 
+
+def _half_precision(device) -> bool:
+    """BLIP-base fp16/bf16 greedy tokens against transformers' (a figure); sampling deterministic per seed."""
+    import torch
+
+    from bench.score_speed import random_blip
+    from datacomp_sieve.caption import BlipCaptioner
+
+    ok = True
     for precision in ("fp16", "bf16"):
         model, tok, size = random_blip("base", 0)
-        cap = BlipCaptioner(model, tok, device=args.device, precision=precision, image_size=size)
-        px = _pixels(cap, args.device, 8).to(cap.dtype)
+        cap = BlipCaptioner(model, tok, device=device, precision=precision, image_size=size)
+        px = _pixels(cap, device, 8).to(cap.dtype)
         with torch.inference_mode():
             emb = cap.encode_images(px)
             fast = cap.sampler.generate(emb, 2, sample=False)
@@ -165,7 +176,33 @@ def main(argv=None) -> int:
         ok &= det
         print(f"base {precision} greedy: {100 * share:.1f}% of tokens equal to transformers' greedy; "
               f"sampling deterministic per seed: {det}")
-    ok &= _graph_timing(args.device, args.graph_images)
+    return ok
+
+
+def _guarded(check, *args) -> bool:
+    """Run one check; an exception prints its traceback and counts as a failure (the others still run)."""
+    import traceback
+
+    try:
+        return bool(check(*args))
+    except Exception:  # noqa: BLE001 - a check that crashes is a finding, not the end of the run
+        traceback.print_exc()
+        print(f"{check.__name__}: FAILED with an exception")
+        return False
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--graph_images", type=int, default=256, help="images in the timed decoding batch (default 256)")
+    p.add_argument("--graph_only", action="store_true", help="only the CUDA graph timing (it runs on the CPU too)")
+    args = p.parse_args(argv)
+    if args.graph_only:
+        return 0 if _guarded(_graph_timing, args.device, args.graph_images) else 1
+    ok = True
+    for check in (_tiny_greedy, _gpu_normalize, _half_precision):
+        ok &= _guarded(check, args.device)
+    ok &= _guarded(_graph_timing, args.device, args.graph_images)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -58,6 +58,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -647,23 +648,28 @@ def main(argv=None) -> int:
         default_workers, default_text = scorer.decode_workers, scorer.text_workers
         sampler = getattr(scorer.captioner, "sampler", None)
         for item, graphs in sweep:
-            batch = item[0]
-            workers = item[1] if len(item) > 1 else default_workers
-            text = item[2] if len(item) > 2 else default_text
-            if (workers, text) != (scorer.decode_workers, scorer.text_workers):
+            try:
+                batch = item[0]
+                workers = item[1] if len(item) > 1 else default_workers
+                text = item[2] if len(item) > 2 else default_text
+                if (workers, text) != (scorer.decode_workers, scorer.text_workers):
+                    scorer.close()
+                    scorer.decode_workers, scorer.text_workers = workers, text
+                    run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the processes start
+                if sampler is not None and sampler.cuda_graphs != graphs:
+                    sampler.cuda_graphs = graphs
+                    run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the graphs are captured
+                s_time, s_stage, s_rate = run_fast(dataclasses.replace(config, batch_size=batch))
+                util = s_stage.pop("gpu utilisation %", None)
+                print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}, CUDA graphs "
+                      f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "
+                      f"({s_time:.2f} s); "
+                      + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
+                      + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
+            except Exception:  # noqa: BLE001 - one setting failing should not lose the others' figures
+                traceback.print_exc()
+                print(f"sweep: {'x'.join(map(str, item))}{'g' if graphs else ''}: FAILED with an exception")
                 scorer.close()
-                scorer.decode_workers, scorer.text_workers = workers, text
-                run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the processes start
-            if sampler is not None and sampler.cuda_graphs != graphs:
-                sampler.cuda_graphs = graphs
-                run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the graphs are captured
-            s_time, s_stage, s_rate = run_fast(dataclasses.replace(config, batch_size=batch))
-            util = s_stage.pop("gpu utilisation %", None)
-            print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}, CUDA graphs "
-                  f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "
-                  f"({s_time:.2f} s); "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
-                  + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
         scorer.close()
         scorer.decode_workers, scorer.text_workers = default_workers, default_text
         if sampler is not None:
