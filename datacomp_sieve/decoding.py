@@ -31,7 +31,10 @@ the LM head), so weights, activations and dtypes are the model's.
 
 from __future__ import annotations
 
+import logging
 import math
+
+log = logging.getLogger(__name__)
 
 
 def _split(x, heads: int):
@@ -364,7 +367,12 @@ class _StaticLoop:
             cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 self.load(image_embeds)
-                self._capture()
+                try:
+                    self._capture()
+                except RuntimeError as e:  # the same tokens without the graph, only slower
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    log.warning("CUDA graph capture failed (%s); decoding steps run without a graph", msg)
+                    self.use_graph, self.graph = False, None
         self.load(image_embeds)
         cur = self.first
         while cur + 1 < length and bool(self.running.any()):

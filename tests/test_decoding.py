@@ -321,3 +321,24 @@ def test_capturing_changes_no_caption(pixels, monkeypatch):
     for _ in range(2):
         assert torch.equal(_samples(fast, pixels[:4], 30, seed=1), want)
     assert len(captured) == 1  # captured once for the shape, replayed for the second batch
+
+
+def test_a_failed_capture_falls_back_to_the_same_step(pixels, monkeypatch, caplog):
+    from datacomp_sieve.decoding import _StaticLoop
+
+    def capture(self):
+        self.step()
+        raise RuntimeError("operation not permitted when stream is capturing\nmore details")
+
+    fast = _focused(build_captioner("tiny", device="cpu"))
+    fast.sampler.cuda_graphs = True
+    want = _samples(fast, pixels[:3], 20, seed=1)
+    fast.sampler._loops.clear()
+    monkeypatch.setattr(_StaticLoop, "_capture", capture)
+    monkeypatch.setattr(_StaticLoop, "use_graph", True, raising=False)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(_samples(fast, pixels[:3], 20, seed=1), want)
+        assert torch.equal(_samples(fast, pixels[:3], 20, seed=1), want)
+    warnings = [r.getMessage() for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert warnings == ["CUDA graph capture failed (operation not permitted when stream is capturing); "
+                        "decoding steps run without a graph"]  # once per shape, one line
