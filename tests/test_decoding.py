@@ -295,13 +295,25 @@ def test_fixed_shape_loop_lengths_match_the_reference_path(pixels):
     assert _chi2_p(_lengths(_samples(ref, sub, r, seed=1), r), _lengths(_samples(fast, sub, r, seed=2), r)) > 1e-3
 
 
+def _graphs_standing_in(pixels, monkeypatch, capture):
+    """(captioner, the fixed-shape loop's tokens without a graph); afterwards, loops use graphs
+    (also on the CPU) and ``capture`` stands in for ``_StaticLoop._capture``."""
+    from datacomp_sieve.decoding import _StaticLoop
+
+    fast = _focused(build_captioner("tiny", device="cpu"))
+    fast.sampler.cuda_graphs = True
+    want = _samples(fast, pixels, 30, seed=1)
+    fast.sampler._loops.clear()
+    monkeypatch.setattr(_StaticLoop, "_capture", capture)
+    monkeypatch.setattr(_StaticLoop, "use_graph", True, raising=False)
+    return fast, want
+
+
 def test_capturing_changes_no_caption(pixels, monkeypatch):
     """The graph path's bookkeeping, on the CPU: capturing steps the loop on the first batch's
     numbers and draws random numbers; the batch is then loaded again with the RNG as it was, and
     the replays (here: the step itself, standing in for the graph) give the eager loop's tokens."""
     from types import SimpleNamespace
-
-    from datacomp_sieve.decoding import _StaticLoop
 
     captured = []
 
@@ -312,33 +324,21 @@ def test_capturing_changes_no_caption(pixels, monkeypatch):
         self.graph = SimpleNamespace(replay=self.step)
         captured.append(self)
 
-    fast = _focused(build_captioner("tiny", device="cpu"))
-    fast.sampler.cuda_graphs = True
-    want = _samples(fast, pixels[:4], 30, seed=1)
-    fast.sampler._loops.clear()
-    monkeypatch.setattr(_StaticLoop, "_capture", capture)
-    monkeypatch.setattr(_StaticLoop, "use_graph", True, raising=False)
+    fast, want = _graphs_standing_in(pixels[:4], monkeypatch, capture)
     for _ in range(2):
         assert torch.equal(_samples(fast, pixels[:4], 30, seed=1), want)
     assert len(captured) == 1  # captured once for the shape, replayed for the second batch
 
 
 def test_a_failed_capture_falls_back_to_the_same_step(pixels, monkeypatch, caplog):
-    from datacomp_sieve.decoding import _StaticLoop
-
     def capture(self):
         self.step()
         raise RuntimeError("operation not permitted when stream is capturing\nmore details")
 
-    fast = _focused(build_captioner("tiny", device="cpu"))
-    fast.sampler.cuda_graphs = True
-    want = _samples(fast, pixels[:3], 20, seed=1)
-    fast.sampler._loops.clear()
-    monkeypatch.setattr(_StaticLoop, "_capture", capture)
-    monkeypatch.setattr(_StaticLoop, "use_graph", True, raising=False)
+    fast, want = _graphs_standing_in(pixels[:3], monkeypatch, capture)
     with caplog.at_level("WARNING"):
-        assert torch.equal(_samples(fast, pixels[:3], 20, seed=1), want)
-        assert torch.equal(_samples(fast, pixels[:3], 20, seed=1), want)
+        for _ in range(2):
+            assert torch.equal(_samples(fast, pixels[:3], 30, seed=1), want)
     warnings = [r.getMessage() for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
     assert warnings == ["CUDA graph capture failed (operation not permitted when stream is capturing); "
                         "decoding steps run without a graph"]  # once per shape, one line
