@@ -153,7 +153,7 @@ class FastBlipSampler:
         logits = self._penalised(logits, seen, cur_len)
         if s.temperature != 1.0:
             logits = logits / s.temperature
-        vals, idx = logits.topk(min(s.top_k, logits.shape[-1]) if s.top_k else logits.shape[-1])  # descending
+        vals, idx = logits.topk(self._width(logits.shape[-1]))  # descending
         # top-p as transformers does it: ascending cumulative probabilities, drop those <= 1 - top_p,
         # always keep the most probable token
         cum = vals.flip(-1).softmax(-1).cumsum(-1)
