@@ -1,0 +1,50 @@
+"""The measuring scripts under bench/ run end to end at toy sizes and print what they promise
+(their figures mean nothing at these sizes; the point is that the instruments do not rot)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_score_speed_with_a_sweep(tmp_path):
+    out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "8", "--samples_per_shard", "4",
+               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4", "--work_dir", str(tmp_path))
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"fast [\d.]+ img/s, reference [\d.]+ img/s, ratio [\d.]+", lines[-1])
+    sweep = [ln for ln in lines if ln.startswith("sweep:")]
+    assert len(sweep) == 2 and "CUDA graphs True" in sweep[0] and "CUDA graphs False" in sweep[1]
+    assert "FAILED" not in out
+    stages = next(ln for ln in lines if ln.startswith("fast (1 round)"))
+    for part in ("caption: decoding", "text: token rows -> captions", "text: MiniLM encode", "text_wait"):
+        assert part in stages
+
+
+def test_score_speed_reports_a_failing_sweep_item_and_goes_on(tmp_path):
+    out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "4", "--samples_per_shard", "4",
+               "--batch_size", "4", "--warmup_images", "0", "--sweep=-1,4", "--work_dir", str(tmp_path))
+    assert "sweep: -1: FAILED with an exception" in out
+    assert re.search(r"^sweep: batch 4, .*img/s", out, re.M)
+
+
+@pytest.mark.parametrize("script,args,last", [
+    ("text_host_cost.py", ["--images", "16"], r"host [\d.]+ ms/image: at most \d+ images/s per text thread"),
+    ("gil_cost.py", ["--rounds", "1"], r"tiny BLIP sampling, 1 calls .* in a process [\d.]+ s \([\d.]+x\)"),
+    ("pipeline_overhead.py", ["--images", "64", "--batch_size", "16"],
+     r"main thread CPU [\d.]+ s = [\d.]+ ms/image: .* [\d.]+ ms/image"),
+])
+def test_host_cost_scripts(script, args, last):
+    assert re.fullmatch(last, _run(script, *args).strip().splitlines()[-1])
