@@ -402,6 +402,11 @@ class ShardScorer:
             while texts_ahead:
                 fill(*texts_ahead.popleft().result())
             timings["text_wait"] += time.time() - t
+        except torch.cuda.OutOfMemoryError as e:  # a user can fix this one: say how
+            pending.clear()
+            texts_ahead.clear()
+            torch.cuda.empty_cache()
+            raise RuntimeError(_out_of_memory(cfg, e)) from None
         finally:
             if text_thread is not None:
                 text_thread.shutdown(cancel_futures=True)
@@ -419,6 +424,16 @@ class ShardScorer:
         if report is not None:
             stats["tar"] = report if isinstance(report, dict) else asdict(report)
         return ShardResult(table, stats)
+
+
+def _out_of_memory(cfg: ScoreConfig, e: BaseException) -> str:
+    """One line for a GPU out-of-memory error: what ran out, and the flag that fixes it."""
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    detail = ". ".join(detail.split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    hint = f"rerun with a smaller --batch_size, e.g. {cfg.batch_size // 2}" if cfg.batch_size > 1 else \
+        "the models do not fit this GPU even one image at a time"
+    return (f"GPU out of memory ({detail or 'no detail'}) with batches of {cfg.batch_size} images x "
+            f"{cfg.num_captions} captions on {cfg.device}: {hint}")
 
 
 def environment() -> dict:

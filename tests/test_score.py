@@ -222,3 +222,26 @@ def test_overwrite_replaces_a_store_made_with_other_settings(toy_pool, store, tm
     m = score_pool(str(toy_pool / "shards"), str(copy), label_config(num_captions=2), overwrite=True, progress=False)
     assert m["config"]["num_captions"] == 2 and m["run"]["shards_skipped"] == 0
     assert all(len(r["captions"]) == 2 for r in read(copy))
+
+
+def test_gpu_out_of_memory_says_which_flag_fixes_it(toy_pool, tmp_path, monkeypatch):
+    """A GPU that runs out of memory fails each shard with one line naming the batch and the flag
+    to lower (simulated: the captioner raises torch's out-of-memory error)."""
+    import torch
+
+    from datacomp_sieve.score import ShardsFailed
+
+    scorer = ShardScorer(label_config())
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 15.77 GiB of which 1.2 GiB is free.\nmore lines")
+
+    monkeypatch.setattr(scorer.captioner, "start_captions", oom)
+    with pytest.raises(ShardsFailed) as err:
+        score_pool(str(toy_pool / "shards"), str(tmp_path / "s"), label_config(), progress=False, scorer=scorer)
+    failed = err.value.manifest["failed"]
+    assert failed and all(msg == "RuntimeError: GPU out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) "
+                          "with batches of 8 images x 8 captions on cpu: rerun with a smaller --batch_size, e.g. 4"
+                          for msg in failed.values())
+    assert "\n" not in str(err.value) and "--batch_size" in str(err.value)
