@@ -238,6 +238,7 @@ class ReferencePipeline:
         self.prompt_ids = tok(PROMPT, return_tensors="pt").input_ids  # [CLS] a picture of [SEP]
         self.max_length_hits = 0
         self.sequences = 0
+        self.new_tokens = 0  # generated tokens, [SEP] included (the prompt is 4)
 
     def _loader(self, shards_dir: str):
         import webdataset as wds
@@ -268,6 +269,7 @@ class ReferencePipeline:
         sep = self.tok.sep_token_id
         self.sequences += ids.shape[0]
         self.max_length_hits += int(((ids == sep).sum(dim=1) == 0).sum())
+        self.new_tokens += int((ids != self.tok.pad_token_id).sum()) - 4 * ids.shape[0]  # [DEC] a picture of
         texts = self.tok.batch_decode(ids.tolist(), skip_special_tokens=True)
         return [t[len(PROMPT):] for t in texts]
 
@@ -446,6 +448,10 @@ def main(argv=None) -> int:
     p.add_argument("--captioner", default=None, help="a BLIP checkpoint (original .pth or transformers folder) "
                                                       "instead of random weights")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sep_bias", type=float, default=None,
+                   help="raise the random model's [SEP] output bias by this much, so that captions end at varied "
+                        "lengths as real BLIP's do instead of all running to max_length (3 gives about 7 new "
+                        "tokens on average with seed 0's base model); default: unchanged, the worst case")
     p.add_argument("--warmup_images", type=int, default=None,
                    help="images in the untimed warm-up shard (default: one full batch of this engine)")
     p.add_argument("--reference_first", action="store_true",
@@ -504,9 +510,13 @@ def main(argv=None) -> int:
         weights = f"checkpoint {args.captioner}"
     else:
         model, tok, image_size = random_blip(args.model, args.seed)
+        weights = f"random init, seed {args.seed}"
+        if args.sep_bias is not None:
+            with torch.no_grad():
+                model.text_decoder.cls.predictions.bias[tok.sep_token_id] += args.sep_bias
+            weights += f", [SEP] output bias raised by {args.sep_bias:g}"
         captioner_name = f"bench-random-{args.model}"
         register_random_captioner(captioner_name, model, tok, image_size, args.model, args.seed)
-        weights = f"random init, seed {args.seed}"
     config = ScoreConfig(captioner=captioner_name, device=args.device, num_captions=args.num_captions,
                          batch_size=args.batch_size, seed=args.seed,
                          decoding=args.decoding, precision=args.precision)
@@ -533,7 +543,7 @@ def main(argv=None) -> int:
     print(f"fast: precision {config.precision}, batch {config.batch_size}, decoding {config.decoding}; "
           f"reference: fp32, batch {reference.batch_size}")
     print(f"models loaded in {load_s:.1f} s (not timed)")
-    if not args.captioner:
+    if not args.captioner and args.sep_bias is None:
         print("note: random weights almost never sample [SEP], so captions run to max_length "
               "(16 new tokens): the worst case for decoding")
 
@@ -544,7 +554,7 @@ def main(argv=None) -> int:
         score_pool(warm_shards, _fresh(os.path.join(work, "warmup_fast")), config, overwrite=True,
                    progress=False, scorer=scorer)
         reference.run(warm_shards, _fresh(os.path.join(work, "warmup_reference")))
-        reference.max_length_hits = reference.sequences = 0
+        reference.max_length_hits = reference.sequences = reference.new_tokens = 0
         print(f"warm-up: {n_warm} images through each pipeline in {time.perf_counter() - t:.1f} s (not timed)")
 
     # the captioning and text halves' parts (the text parts only where the text half runs in this
@@ -639,7 +649,8 @@ def main(argv=None) -> int:
     if reference.sequences:
         share = reference.max_length_hits / reference.sequences
         print(f"reference sequences that ran to max_length (no [SEP]): {reference.max_length_hits}"
-              f"/{reference.sequences} ({100 * share:.1f}%)")
+              f"/{reference.sequences} ({100 * share:.1f}%); new tokens per caption, [SEP] included: "
+              f"{reference.new_tokens / reference.sequences:.1f} on average")
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) at start of timing {load0:.2f}, at end {os.getloadavg()[0]:.2f} "
               f"(other work on the machine skews both pipelines; compare only runs on an idle machine)")
