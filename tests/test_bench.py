@@ -22,8 +22,11 @@ def _run(script, *args, timeout=600):
 
 def test_score_speed_with_a_sweep(tmp_path):
     out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "8", "--samples_per_shard", "4",
-               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4", "--work_dir", str(tmp_path))
+               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4", "--sep_bias", "3",
+               "--work_dir", str(tmp_path))
     lines = out.strip().splitlines()
+    ends = re.search(r"new tokens per caption, \[SEP\] included: ([\d.]+) on average", out)
+    assert ends and float(ends.group(1)) < 16  # --sep_bias: captions end before max_length
     assert re.fullmatch(r"fast [\d.]+ img/s, reference [\d.]+ img/s, ratio [\d.]+", lines[-1])
     sweep = [ln for ln in lines if ln.startswith("sweep:")]
     assert len(sweep) == 2 and "CUDA graphs True" in sweep[0] and "CUDA graphs False" in sweep[1]
