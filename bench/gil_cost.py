@@ -31,13 +31,10 @@ WORDS = "a cat dog on the table with red blue man woman sitting near tree car st
 
 def _text_half():
     """A function running one text half (256 images) per call, host work only."""
-    import torch
+    from bench.text_host_cost import host_only_encoder
+    from datacomp_sieve.text import sieve_scores
 
-    from datacomp_sieve.text import TextEncoder, sieve_scores
-
-    torch.set_num_threads(1)
-    enc = TextEncoder(None, device="cpu")
-    enc.model[0].auto_model.encoder.layer = enc.model[0].auto_model.encoder.layer[:0]
+    enc = host_only_encoder()
     rng = random.Random(0)
     alts = [" ".join(rng.choices(WORDS, k=10)) for _ in range(256)]
     caps = [[" ".join(rng.choices(WORDS, k=8)) for _ in range(8)] for _ in range(256)]

@@ -537,9 +537,7 @@ def main(argv=None) -> int:
     if n_ref_images < args.images:
         print(f"reference-style pipeline timed on the first {n_ref_images} of those images (its rate is "
               f"images per second over those)")
-    decode = (f"decoding images in {scorer.decode_workers} processes" if scorer._in_processes() else
-              f"decoding images in {scorer.decode_threads} threads" if scorer.decode_threads else "decoding images in line")
-    print(f"fast: {decode}, text half on a thread: {scorer.overlap_text}")
+    print(f"fast: image decoding {scorer.image_decoding()}, text half on a thread: {scorer.overlap_text}")
     print(f"fast: precision {config.precision}, batch {config.batch_size}, decoding {config.decoding}; "
           f"reference: fp32, batch {reference.batch_size}")
     print(f"models loaded in {load_s:.1f} s (not timed)")
@@ -661,16 +659,17 @@ def main(argv=None) -> int:
         for item, graphs in sweep:
             try:
                 batch = item[0]
+                cfg = dataclasses.replace(config, batch_size=batch)
                 workers = item[1] if len(item) > 1 else default_workers
                 text = item[2] if len(item) > 2 else default_text
                 if (workers, text) != (scorer.decode_workers, scorer.text_workers):
                     scorer.close()
                     scorer.decode_workers, scorer.text_workers = workers, text
-                    run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the processes start
+                    run_fast(cfg)  # untimed: the processes start
                 if sampler is not None and sampler.cuda_graphs != graphs:
                     sampler.cuda_graphs = graphs
-                    run_fast(dataclasses.replace(config, batch_size=batch))  # untimed: the graphs are captured
-                s_time, s_stage, s_rate = run_fast(dataclasses.replace(config, batch_size=batch))
+                    run_fast(cfg)  # untimed: the graphs are captured
+                s_time, s_stage, s_rate = run_fast(cfg)
                 util = s_stage.pop("gpu utilisation %", None)
                 print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "

@@ -28,6 +28,19 @@ WORDS = ("a cat dog on the table with red blue man woman sitting standing near t
          "picture photo of old house river bridge").split()
 
 
+def host_only_encoder():
+    """all-MiniLM-L6-v2 on the CPU without its six transformer layers (embeddings, pooling and
+    normalisation stay), one torch thread: what is left of encoding is host work."""
+    import torch
+
+    from datacomp_sieve.text import TextEncoder
+
+    torch.set_num_threads(1)
+    enc = TextEncoder(None, device="cpu")
+    enc.model[0].auto_model.encoder.layer = enc.model[0].auto_model.encoder.layer[:0]
+    return enc
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=1024)
@@ -36,11 +49,9 @@ def main(argv=None) -> int:
     import torch
 
     from datacomp_sieve.caption import GenerationSettings, build_blip_tokenizer, decode_captions
-    from datacomp_sieve.text import TextEncoder, sieve_scores
+    from datacomp_sieve.text import sieve_scores
 
-    torch.set_num_threads(1)
-    enc = TextEncoder(None, device="cpu")
-    enc.model[0].auto_model.encoder.layer = enc.model[0].auto_model.encoder.layer[:0]
+    enc = host_only_encoder()
     tok = build_blip_tokenizer()
     n, r = args.images, args.num_captions
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -698,8 +698,7 @@ def _build_hf(source: str) -> Callable[..., Captioner]:
                 raise UserError(f"{source!r} is a {kind!r} model; captioners are BLIP or GIT")
             tok = AutoTokenizer.from_pretrained(source, **kw)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load the captioner {source!r}: {first}") from None
+            raise UserError(f"cannot load the captioner {source!r}: {first_line(e)}") from None
         info = {"source": source, "revision": getattr(model.config, "_commit_hash", None)}
         if kind == "git":
             size = _side(images.crop_size, "height") or 224

@@ -34,6 +34,8 @@ from __future__ import annotations
 import logging
 import math
 
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -370,8 +372,7 @@ class _StaticLoop:
                 try:
                     self._capture()
                 except RuntimeError as e:  # the same tokens without the graph, only slower
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    log.warning("CUDA graph capture failed (%s); decoding steps run without a graph", msg)
+                    log.warning("CUDA graph capture failed (%s); decoding steps run without a graph", first_line(e))
                     self.use_graph, self.graph = False, None
         self.load(image_embeds)
         cur = self.first

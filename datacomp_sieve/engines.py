@@ -24,15 +24,15 @@ import os
 import traceback
 from dataclasses import asdict
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
 
 def error_line(e: BaseException) -> str:
     """One line naming an exception: ``Type: first line of the message``."""
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+    name = type(e).__name__
+    return f"{name}: {first_line(e)}" if str(e).strip() else name
 
 
 def _scorer_factory(factory):

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """A problem with the user's input (paths, flags, data) that they can fix."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def load_text_encoder(name_or_path: str | None = None, device: str = "cpu"):
     try:
         return _load_sentence_transformer(res.source, device), res
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if not os.path.isdir(res.source) and _is_connectivity_error(e):
             fallback = _bundled(res.entry, f"cannot reach the hub for {res.source} ({type(e).__name__})") \
                 if res.entry else None

@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,12 @@ class ShardScorer:
         return (self.decode_workers > 0 and isinstance(self.captioner.preprocess, ImageTransform)
                 and self.clip is None and not multiprocessing.current_process().daemon)
 
+    def image_decoding(self) -> str:
+        """Where images are decoded: "processes (N)", "threads (N)" or "in line"."""
+        if self._in_processes():
+            return f"processes ({self.decode_workers})"
+        return f"threads ({self.decode_threads})" if self.decode_threads else "in line"
+
     def _prepared(self, samples):
         """``_prepare`` over ``samples``, in order, with decoding ahead of the models in
         processes or threads (see ``decode_workers``); at most ``4 * batch_size`` samples ahead.
@@ -346,6 +352,13 @@ class ShardScorer:
             if progress is not None:
                 progress.update(len(idx))
 
+        def drain(keep: int):
+            """Fill in the oldest text halves until at most ``keep`` run (the wait is timed)."""
+            t = time.time()
+            while len(texts_ahead) > keep:
+                fill(*texts_ahead.popleft().result())
+            timings["text_wait"] += time.time() - t
+
         def flush():
             if not pending:
                 return
@@ -361,10 +374,7 @@ class ShardScorer:
                 stacked = torch.stack(pixels)
             captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t
-            t = time.time()
-            while len(texts_ahead) >= depth:
-                fill(*texts_ahead.popleft().result())
-            timings["text_wait"] += time.time() - t
+            drain(depth - 1)
             if text_thread is not None:
                 texts_ahead.append(text_thread.submit(text_half, idx, images, texts, captions))
             else:
@@ -398,13 +408,8 @@ class ShardScorer:
                     progress.update(1)
             timings["read"] += time.time() - t
             flush()
-            t = time.time()
-            while texts_ahead:
-                fill(*texts_ahead.popleft().result())
-            timings["text_wait"] += time.time() - t
+            drain(0)
         except torch.cuda.OutOfMemoryError as e:  # a user can fix this one: say how
-            pending.clear()
-            texts_ahead.clear()
             torch.cuda.empty_cache()
             raise RuntimeError(_out_of_memory(cfg, e)) from None
         finally:
@@ -418,8 +423,7 @@ class ShardScorer:
             "status": counts,
             "seconds": round(time.time() - t0, 3),
             "timings": {k: round(v, 3) for k, v in timings.items()},
-            "image_decoding": (f"processes ({self.decode_workers})" if self._in_processes() else
-                               f"threads ({self.decode_threads})" if self.decode_threads else "in line"),
+            "image_decoding": self.image_decoding(),
         }
         if report is not None:
             stats["tar"] = report if isinstance(report, dict) else asdict(report)
@@ -428,11 +432,10 @@ class ShardScorer:
 
 def _out_of_memory(cfg: ScoreConfig, e: BaseException) -> str:
     """One line for a GPU out-of-memory error: what ran out, and the flag that fixes it."""
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    detail = ". ".join(detail.split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    detail = ". ".join(first_line(e).split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to allocate 2.00 GiB"
     hint = f"rerun with a smaller --batch_size, e.g. {cfg.batch_size // 2}" if cfg.batch_size > 1 else \
         "the models do not fit this GPU even one image at a time"
-    return (f"GPU out of memory ({detail or 'no detail'}) with batches of {cfg.batch_size} images x "
+    return (f"GPU out of memory ({detail}) with batches of {cfg.batch_size} images x "
             f"{cfg.num_captions} captions on {cfg.device}: {hint}")
 
 
