@@ -145,6 +145,13 @@ class FastBlipSampler:
             x = layer.output(layer.intermediate(x), x)
         return x
 
+    def _prompt(self, b: int, cross, cache, r: int):
+        """The prompt through every layer once per image (its keys/values copied into the cache's
+        r rows per image): float32 logits of the first new token, (B*r, V)."""
+        prompt = self.prompt_ids.to(cross[0][0].device)
+        x = self._layers(self._embed(prompt[None].expand(b, prompt.shape[0]), 0), cross, cache, 0, r)
+        return self.lm.cls(x[:, -1]).float().repeat_interleave(r, 0)
+
     # -- the sampling ---------------------------------------------------------------------------
 
     def candidates(self, logits, seen, cur_len: int):
@@ -214,8 +221,7 @@ class FastBlipSampler:
         shape = (n, self.heads, s.max_length, d // self.heads)
         cache = [(image_embeds.new_empty(shape), image_embeds.new_empty(shape)) for _ in cross]
 
-        x = self._layers(self._embed(prompt[None].expand(b, p), 0), cross, cache, 0, r)
-        logits = self.lm.cls(x[:, -1]).float().repeat_interleave(r, 0)
+        logits = self._prompt(b, cross, cache, r)
         out = torch.full((n, s.max_length), self.pad_id, dtype=torch.long, device=dev)
         out[:, :p] = prompt
         ids = out  # the rows still computed: those of images with a caption still running
@@ -309,14 +315,14 @@ class _StaticLoop:
         for (k, v), (ck, cv) in zip(self.cross, s._cross(image_embeds)):
             k.copy_(ck)
             v.copy_(cv)
-        x = s._layers(s._embed(prompt[None].expand(image_embeds.shape[0], p), 0), self.cross, self.cache, 0, self.r)
+        logits = s._prompt(image_embeds.shape[0], self.cross, self.cache, self.r)
         self.seen.fill_(int(s.prompt_ids[0]))
         self.seen[:, :p] = prompt
         self.running.fill_(True)
         self.pos.fill_(p)
         if self.noise is not None:
             self.noise.exponential_()
-        self._sample(s.lm.cls(x[:, -1]).float().repeat_interleave(self.r, 0))
+        self._sample(logits)
 
     def _sample(self, logits):
         """The token at ``pos`` for every row ([PAD] for rows that have ended)."""
