@@ -2,14 +2,15 @@
 tar shards, handing images to the decoding processes and taking the crops back, normalising,
 masking, filling the table.
 
-    python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1]
+    python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1] [--pipes]
 
 The captioner returns a fixed caption list and the text encoder constant vectors, so the models
 cost nothing; images are decoded in processes as on a GPU. Prints the main thread's CPU time per
 image (``time.thread_time``), the ceiling this engine's bookkeeping puts on images per second
 whatever the GPU, the CPU time of the whole process (its other threads share the GIL), the time
 reading the tar shard alone takes, and the wall time (on a machine with few cores, the decoding
-processes set it).
+processes set it). ``--pipes``: the crops come back pickled through the pipes instead of through
+shared memory (``score._CropRing``), for comparison.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--decode_workers", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--pipes", action="store_true",
+                   help="crops come back through the pipes, not shared memory (for comparison)")
     args = p.parse_args(argv)
 
     from bench.score_speed import build_shards
@@ -58,6 +61,7 @@ def main(argv=None) -> int:
     scorer.text = _ConstantText()
     scorer.captioner.start_captions = _fixed_captions
     scorer.decode_workers = args.decode_workers
+    scorer.shared_memory = not args.pipes
     try:
         scorer.score(shard)  # the decoding processes start
         wall, cpu, proc = time.perf_counter(), time.thread_time(), time.process_time()

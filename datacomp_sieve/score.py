@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError, first_line
@@ -104,13 +105,107 @@ def _decode(data: bytes, max_pixels):
         return e.code, str(e), None
 
 
-def _decode_chunk(images: list, transform, max_pixels) -> list:
-    """In a decoding process: encoded images -> (status, error, uint8 crop or None) each."""
+_ATTACHED = {}  # in a decoding process: the shared crop memory it writes into, by name
+
+
+def _attached(name: str, shape: tuple):
+    """In a decoding process: the parent's ``_CropRing`` memory as an array (attached once)."""
+    if name not in _ATTACHED:
+        import numpy as np
+        from multiprocessing.shared_memory import SharedMemory
+
+        shm = SharedMemory(name=name)
+        _ATTACHED[name] = (shm, np.ndarray(shape, dtype=np.uint8, buffer=shm.buf))
+    return _ATTACHED[name][1]
+
+
+def _decode_chunk(images: list, transform, max_pixels, ring=None) -> list:
+    """In a decoding process: encoded images -> (status, error, uint8 crop or None) each. With
+    ``ring`` (the shared memory's name and shape, a slot per image), a crop is written into its
+    slot and ``IN_RING`` comes back in its place: no crop travels through the pipe."""
     out = []
-    for data in images:
+    target = _attached(*ring[:2]) if ring is not None else None
+    for i, data in enumerate(images):
         status, error, image = _decode(data, max_pixels)
-        out.append((status, error, None if image is None else transform.to_uint8(image)))
+        crop = None if image is None else transform.to_uint8(image)
+        if crop is not None and target is not None and crop.shape == target.shape[1:]:
+            target[ring[2][i]] = crop
+            crop = IN_RING
+        out.append((status, error, crop))
     return out
+
+
+IN_RING = "in the ring"  # what a decoding process sends back for a crop it wrote into shared memory
+
+
+class _Slot(int):
+    """A crop's place in the ``_CropRing``."""
+
+
+class _CropRing:
+    """Shared memory the decoding processes write their uint8 crops into: only statuses come back
+    through the pipe, so this process does not read, unpickle and stack about 0.4 MB per image
+    while holding the GIL; the batch is gathered from the slots in one torch copy (which releases
+    it). Slots are taken when a chunk is sent and given back when its batch is gathered, or all
+    at once when a shard starts (nothing is in flight then)."""
+
+    def __init__(self, slots: int, shape: tuple):
+        import numpy as np
+        from multiprocessing.shared_memory import SharedMemory
+
+        self.shape = (slots, *shape)
+        self.shm = SharedMemory(create=True, size=int(np.prod(self.shape)))
+        self._unlink = weakref.finalize(self, self.shm.unlink)  # at exit too, when never closed
+        self.array = np.ndarray(self.shape, dtype=np.uint8, buffer=self.shm.buf)
+        self.free: list = []
+        self.reset()
+
+    @classmethod
+    def create(cls, slots: int, shape: tuple) -> "_CropRing | None":
+        """A ring, or None where shared memory is missing or too small for it (containers often
+        give /dev/shm 64 MB: writing past that kills the writer), so crops go through the pipes."""
+        import numpy as np
+
+        need = slots * int(np.prod(shape))
+        try:
+            st = os.statvfs("/dev/shm")
+            if st.f_bavail * st.f_frsize < 2 * need:
+                raise OSError(f"{st.f_bavail * st.f_frsize / 2**20:.0f} MB free")
+            return cls(slots, shape)
+        except OSError as e:
+            log.info("decoded images come back through pipes, not shared memory (/dev/shm: %s; %.0f MB "
+                     "wanted)", first_line(e), need / 2**20)
+            return None
+
+    def reset(self) -> None:
+        self.free = list(range(self.shape[0] - 1, -1, -1))
+
+    def take(self, n: int) -> "list | None":
+        """n free slots, or None when fewer are free (that chunk's crops then use the pipe)."""
+        if len(self.free) < n:
+            return None
+        return [_Slot(self.free.pop()) for _ in range(n)]
+
+    def gather(self, pixels, pin: bool = False):
+        """uint8 (B, size, size, 3) of ``pixels`` (slots, or crops that came through a pipe); the
+        slots are given back. ``pin``: into page-locked memory, for a non-blocking copy to a GPU."""
+        import torch
+
+        src = torch.from_numpy(self.array)
+        out = torch.empty((len(pixels), *self.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        slots = [p for p in pixels if isinstance(p, _Slot)]
+        if len(slots) == len(pixels):
+            torch.index_select(src, 0, torch.tensor(slots), out=out)
+        else:
+            for i, p in enumerate(pixels):
+                out[i] = src[p] if isinstance(p, _Slot) else torch.from_numpy(p)
+        self.free.extend(slots)
+        return out
+
+    def close(self) -> None:
+        self.array = None
+        self._unlink()
+        self.shm.close()
 
 
 def _spawn_pool(workers: int, **kw):
@@ -176,7 +271,10 @@ class ShardScorer:
         #: on a GPU (bench/score_speed.py --sweep BATCHxWORKERSxTEXT): it takes the text half's
         #: host work off this process's GIL.
         self.text_workers = 0
+        #: crops from the decoding processes come back through shared memory (``_CropRing``)
+        self.shared_memory = True
         self._pool = None
+        self._ring = None
         self._text_pool = None
         self.clip = None
         if cfg.clip_model:
@@ -225,12 +323,17 @@ class ShardScorer:
         limit = 4 * self.config.batch_size
         ahead = deque()
         if self._in_processes():
-            for chunk in _chunks(samples, _CHUNK):
-                ahead.append((chunk, self._submit(chunk)))
-                if len(ahead) * _CHUNK >= limit:
+            try:
+                for chunk in _chunks(samples, _CHUNK):
+                    ahead.append((chunk, *self._submit(chunk, limit)))
+                    if len(ahead) * _CHUNK >= limit:
+                        yield from self._decoded(*ahead.popleft())
+                while ahead:
                     yield from self._decoded(*ahead.popleft())
-            while ahead:
-                yield from self._decoded(*ahead.popleft())
+            finally:  # stopped early (the shard failed): let chunks in flight finish writing their slots
+                from concurrent.futures import wait
+
+                wait([f for _, f, _ in ahead if f is not None])
             return
         if not self.decode_threads:
             yield from map(self._prepare, samples)
@@ -245,22 +348,37 @@ class ShardScorer:
             while ahead:
                 yield ahead.popleft().result()
 
-    def _submit(self, chunk):
+    def _submit(self, chunk, ahead: int):
+        """(future, slots) of a chunk sent to the decoding processes; ``ahead``: how many samples
+        may be in flight (the crop ring holds them, a batch being filled and a chunk more)."""
         images = [s.image for s in chunk if s.status == "ok"]
         if not images:
-            return None
+            return None, None
+        transform = self.captioner.preprocess
         if self._pool is None:
             self._pool = _spawn_pool(self.decode_workers)
-        return self._pool.submit(_decode_chunk, images, self.captioner.preprocess, self.config.max_image_pixels)
+            if self.shared_memory:
+                self._ring = _CropRing.create(ahead + self.config.batch_size + _CHUNK,
+                                              (transform.size, transform.size, 3))
+        slots = self._ring.take(len(images)) if self._ring is not None else None
+        ring = (self._ring.shm.name, self._ring.shape, slots) if slots is not None else None
+        return self._pool.submit(_decode_chunk, images, transform, self.config.max_image_pixels, ring), slots
 
-    def _decoded(self, chunk, future):
+    def _decoded(self, chunk, future, slots):
         done = iter(self._result(future, "an image-decoding") if future is not None else ())
+        j = 0
         for sample in chunk:
             if sample.status != "ok":
                 yield sample, sample.status, sample.error, None, None
-            else:
-                status, error, pixels = next(done)
-                yield sample, status, error if status != "ok" else sample.error, None, pixels
+                continue
+            status, error, pixels = next(done)
+            if slots is not None:
+                if isinstance(pixels, str):  # IN_RING: written into its slot
+                    pixels = slots[j]
+                else:  # not decoded (or sent through the pipe): its slot is free again
+                    self._ring.free.append(slots[j])
+                j += 1
+            yield sample, status, error if status != "ok" else sample.error, None, pixels
 
     def _text_stream(self):
         """A context running the text encoder on its own CUDA stream when it overlaps captioning."""
@@ -299,6 +417,9 @@ class ShardScorer:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         self._pool = self._text_pool = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def score(self, shard, progress=None) -> ShardResult:
         from collections import deque
@@ -365,11 +486,18 @@ class ShardScorer:
             idx, images, pixels, texts = zip(*pending)
             pending.clear()
             t = time.time()
-            if getattr(pixels[0], "dtype", None) == np.uint8:  # crops from the decoding processes
-                batch = torch.from_numpy(np.stack(pixels))
-                if self.on_gpu and cfg.precision != "fp32":  # 4x fewer bytes to move; rounded to half anyway
-                    batch = batch.pin_memory().to(cfg.device, non_blocking=True)
-                stacked = self.captioner.preprocess.normalize(batch)  # fp32: on the CPU, as the reference
+            if isinstance(pixels[0], (_Slot, np.ndarray)):  # crops from the decoding processes
+                # on a GPU in half precision, normalised there (4x fewer bytes to move; rounded to
+                # half anyway); in fp32 on the CPU, as the reference
+                to_gpu = self.on_gpu and cfg.precision != "fp32"
+                if self._ring is not None:
+                    batch = self._ring.gather(pixels, pin=to_gpu)
+                else:
+                    batch = torch.from_numpy(np.stack(pixels))
+                    batch = batch.pin_memory() if to_gpu else batch
+                if to_gpu:
+                    batch = batch.to(cfg.device, non_blocking=True)
+                stacked = self.captioner.preprocess.normalize(batch)
             else:
                 stacked = torch.stack(pixels)
             captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
@@ -384,9 +512,12 @@ class ShardScorer:
 
         overlap = self.overlap_text or self.text_workers
         text_thread = ThreadPoolExecutor(depth, thread_name_prefix="text") if overlap else None
+        if self._ring is not None:
+            self._ring.reset()  # nothing of an earlier shard is in flight (``_prepared`` waits)
+        prepared = self._prepared(iter_samples(shard))
         try:
             t = time.time()
-            for sample, status, error, image, pixels in self._prepared(iter_samples(shard)):
+            for sample, status, error, image, pixels in prepared:
                 i = len(rows["uid"])
                 rows["uid"].append(sample.uid)
                 rows["key"].append(sample.key)
@@ -413,6 +544,7 @@ class ShardScorer:
             torch.cuda.empty_cache()
             raise RuntimeError(_out_of_memory(cfg, e)) from None
         finally:
+            prepared.close()  # now, not when the traceback is freed: chunks in flight end before the next shard
             if text_thread is not None:
                 text_thread.shutdown(cancel_futures=True)
         table = pa.table(rows, schema=schema(self.clip is not None))

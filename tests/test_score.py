@@ -245,3 +245,58 @@ def test_gpu_out_of_memory_says_which_flag_fixes_it(toy_pool, tmp_path, monkeypa
                           "with batches of 8 images x 8 captions on cpu: rerun with a smaller --batch_size, e.g. 4"
                           for msg in failed.values())
     assert "\n" not in str(err.value) and "--batch_size" in str(err.value)
+
+
+def test_crops_through_shared_memory_or_pipes_give_the_same_rows(toy_pool, store, tmp_path, monkeypatch, caplog):
+    """Images decoded in processes send their crops back through shared memory, through the pipes
+    when there is no room (a full ring, a small /dev/shm), or both within one batch; a shard that
+    fails half-way leaves nothing behind for the next. The rows are the in-line ones every time."""
+    import logging
+    import os as os_mod
+
+    from datacomp_sieve.score import ShardsFailed, _CropRing
+
+    def run(name, scorer=None, **attrs):
+        scorer = scorer or ShardScorer(label_config())
+        scorer.decode_workers = 2
+        for k, v in attrs.items():
+            setattr(scorer, k, v)
+        score_pool(str(toy_pool / "shards"), str(tmp_path / name), label_config(), progress=False, scorer=scorer)
+        return scorer
+
+    ring = run("ring")
+    assert ring._ring is not None and sorted(ring._ring.free) == list(range(ring._ring.shape[0]))  # all given back
+    ring.close()
+    assert ring._ring is None
+    run("pipes", shared_memory=False).close()
+    # chunks of 3 samples, every other one through the pipes: batches mix both; the first batch fails
+    import datacomp_sieve.score as score_mod
+
+    take, taken = _CropRing.take, []
+    monkeypatch.setattr(score_mod, "_CHUNK", 3)
+    monkeypatch.setattr(_CropRing, "take", lambda self, n: taken.append(n) or (take(self, n) if len(taken) % 2 else None))
+    both = ShardScorer(label_config())
+    start, calls = both.captioner.start_captions, []
+
+    def fails_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return start(*a, **kw)
+
+    both.captioner.start_captions = fails_once
+    with pytest.raises(ShardsFailed):
+        run("both", both)
+    run("both", both)
+    assert sorted(both._ring.free) == list(range(both._ring.shape[0]))  # none lost with the failed shard
+    both.close()
+    # /dev/shm too small for the ring: one log line, crops through the pipes
+    small = os_mod.statvfs_result((4096, 4096, 100, 10, 10, 100, 10, 10, 0, 255))
+    monkeypatch.setattr(os_mod, "statvfs", lambda path: small)
+    with caplog.at_level(logging.INFO, logger="datacomp_sieve.score"):
+        small_shm = run("small_shm")
+    assert small_shm._ring is None and "not shared memory (/dev/shm: 0 MB free" in caplog.text
+    small_shm.close()
+    for name in ("ring", "pipes", "both", "small_shm"):
+        for x, y in zip(sorted(store.glob("*.parquet")), sorted((tmp_path / name).glob("*.parquet")), strict=True):
+            assert pq.read_table(x).equals(pq.read_table(y)), (name, x.name)
