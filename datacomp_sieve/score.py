@@ -158,6 +158,7 @@ class _CropRing:
         self._unlink = weakref.finalize(self, self.shm.unlink)  # at exit too, when never closed
         self.array = np.ndarray(self.shape, dtype=np.uint8, buffer=self.shm.buf)
         self.free: list = []
+        self._out = None
         self.reset()
 
     @classmethod
@@ -188,11 +189,18 @@ class _CropRing:
 
     def gather(self, pixels, pin: bool = False):
         """uint8 (B, size, size, 3) of ``pixels`` (slots, or crops that came through a pipe); the
-        slots are given back. ``pin``: into page-locked memory, for a non-blocking copy to a GPU."""
+        slots are given back. ``pin``: into page-locked memory (torch's cache of it), for a
+        non-blocking copy to a GPU; else into one buffer reused by every call (fresh memory costs
+        more than the copy), so the batch is only good until the next call."""
         import torch
 
         src = torch.from_numpy(self.array)
-        out = torch.empty((len(pixels), *self.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        if pin:
+            out = torch.empty((len(pixels), *self.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        else:
+            if self._out is None or self._out.shape[0] < len(pixels):
+                self._out = torch.empty((len(pixels), *self.shape[1:]), dtype=torch.uint8)
+            out = self._out[:len(pixels)]
         slots = [p for p in pixels if isinstance(p, _Slot)]
         if len(slots) == len(pixels):
             torch.index_select(src, 0, torch.tensor(slots), out=out)
@@ -203,7 +211,7 @@ class _CropRing:
         return out
 
     def close(self) -> None:
-        self.array = None
+        self.array = self._out = None
         self._unlink()
         self.shm.close()
 
