@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     print(f"main thread CPU {cpu:.2f} s = {per:.3f} ms/image: this engine's bookkeeping allows at most "
           f"{1000 / per:.0f} images/s; the whole process (the thread taking the crops back from the decoding "
           f"processes included) {1000 * proc / n:.3f} ms/image; of the main thread's share, reading the tar "
-          f"shard alone (tarfile) {1000 * tar / read:.3f} ms/image")
+          f"shard alone (shards.iter_samples) {1000 * tar / read:.3f} ms/image")
     return 0
 
 

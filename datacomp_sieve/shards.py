@@ -6,9 +6,12 @@ and ``KEY.txt`` per sample (webdataset writes a sample's members together, exten
 One shard is one unit of work for the scorer, which writes one score file per shard.
 
 - ``list_shards(dir)``: the shards, sorted by number, each with its ``_stats.json`` when present.
-- ``iter_samples(shard)``: streams the tar with the standard library's ``tarfile`` (one member
-  in memory at a time) and groups members by key, webdataset's way: the key is the member's path
-  up to the first dot of its file name. Each ``Sample`` carries a ``status`` ("ok" or a problem
+- ``iter_samples(shard)``: streams the tar (one member in memory at a time) and groups members by
+  key, webdataset's way: the key is the member's path up to the first dot of its file name. Plain
+  regular-file members (what img2dataset writes) are read by a few lines of header parsing, four
+  times faster than ``tarfile`` (the scorer reads on the thread that feeds the GPU); from the
+  first header that is anything else (end-of-archive block, pax or GNU long-name header, a
+  compressed tar, a break) the standard library's ``tarfile`` reads the rest. Each ``Sample`` carries a ``status`` ("ok" or a problem
   code) and a human ``error``; while iterating, ``shard.report`` (a ``ShardReport``) counts
   members, samples, strays and statuses, and says whether the tar was cut short.
 - ``decode_image(bytes)``: an RGB PIL image, or an ``ImageError`` whose ``code`` is a status.
@@ -293,6 +296,74 @@ class _ProbedTarInfo(tarfile.TarInfo):
         return info
 
 
+_BLOCK = 512
+_NO_PREFIX = bytes(155)
+
+
+def _plain_file(header: bytes):
+    """(name, size) when a tar header is a regular file's in the common ustar layout (octal
+    numbers, a right unsigned checksum, no name prefix), else None: the rest is tarfile's."""
+    if len(header) != _BLOCK or header[156] not in b"0\0" or header[257:262] != b"ustar" \
+            or header[345:500] != _NO_PREFIX:
+        return None
+    try:
+        size = int(header[124:136].rstrip(b" \0"), 8)
+        checksum = int(header[148:156].rstrip(b" \0"), 8)
+    except ValueError:
+        return None
+    name = header[:100].split(b"\0", 1)[0]
+    if checksum != 256 + sum(header[:148]) + sum(header[156:]) or not name or name.endswith(b"/"):
+        return None
+    return name.decode(tarfile.ENCODING, "surrogateescape"), size
+
+
+def _plain_members(raw):
+    """(name, data) of the tar's members for as long as they are plain regular files whose data
+    is all there; then returns (offset, bytes read from there) for tarfile to go on from."""
+    offset = 0
+    while True:
+        header = raw.read(_BLOCK)
+        member = _plain_file(header)
+        if member is None:
+            return offset, header
+        name, size = member
+        pad = -size % _BLOCK
+        data = raw.read(size)
+        padding = raw.read(pad) if pad else b""
+        if len(data) < size or len(padding) < pad:
+            return offset, header + data + padding
+        yield name, data
+        offset += _BLOCK + size + pad
+
+
+class _Rest(io.RawIOBase):
+    """The bytes ``_plain_members`` read last, then the rest of the file: tarfile's input."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.raw.read(n)
+        out, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+        return out + (self.raw.read(n - len(out)) if 0 <= len(out) < n else b"")
+
+
+def _header_error(header: bytes):
+    """tarfile's complaint about a header block (a ``HeaderError``: the end-of-archive block, an
+    empty, cut or corrupt header), or None when it reads. Asked where the plain reader stops, so
+    that a tar ending there is reported as when tarfile read it all (tarfile treats a bad first
+    header differently from a later one)."""
+    try:
+        tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:
+        return e
+    return None
+
+
 def _end_problem(err, offset) -> str | None:
     """Why a member list that ended without an exception is not a proper end, or None."""
     name = type(err).__name__ if err is not None else None
@@ -403,33 +474,65 @@ def iter_samples(shard: Shard) -> Iterator[Sample]:
     group: _Group | None = None
     cut: str | None = None  # the member whose data was being read
     problem: str | None = None
-    try:
-        with fs.open(path, "rb") as raw, \
-                tarfile.open(fileobj=raw, mode="r|*", tarinfo=_ProbedTarInfo) as tar:
+
+    def begin(name: str):
+        """The group a file member goes to; returns the sample it finishes, if any."""
+        nonlocal group
+        key = split_key(name)[0]
+        done = None
+        if group is not None and key != group.key:
+            if group.used:
+                done = _finish(group, report)
+            group = None
+        if group is None:
+            group = _Group(key)
+        return done
+
+    def with_tarfile(fileobj, mode: str, offset: int):
+        """The rest of the tar read by tarfile (its offsets count from ``offset``)."""
+        nonlocal cut, problem
+        with tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_ProbedTarInfo) as tar:
             while True:
                 member = tar.next()
                 tar.members = []  # stream mode would otherwise keep every header in memory
                 if member is None:
-                    problem = _end_problem(getattr(tar, "sieve_header_error", None), getattr(tar, "offset", None))
-                    break
+                    at = getattr(tar, "offset", None)
+                    problem = _end_problem(getattr(tar, "sieve_header_error", None), None if at is None else offset + at)
+                    return
                 report.members += 1
                 if not member.isfile():
                     _stray(report, member.name)
                     continue
-                key, ext = split_key(member.name)
-                if group is not None and key != group.key:
-                    done, group = group, None
-                    if done.used:
-                        yield _finish(done, report)
-                if group is None:
-                    group = _Group(key)
+                done = begin(member.name)
+                if done is not None:
+                    yield done
                 cut = member.name
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
                 cut = None
-                group.add(ext, data, member.name, report)
+                group.add(split_key(member.name)[1], data, member.name, report)
+
+    try:
+        with fs.open(path, "rb") as raw:
+            plain = _plain_members(raw)
+            while True:
+                try:
+                    name, data = next(plain)
+                except StopIteration as stop:
+                    offset, head = stop.value
+                    break
+                report.members += 1
+                done = begin(name)
+                if done is not None:
+                    yield done
+                group.add(split_key(name)[1], data, name, report)
+            err = _header_error(head[:_BLOCK]) if offset else None
+            if err is not None:  # the end-of-archive block, or a break, where the plain members end
+                problem = _end_problem(err, offset)
+            else:  # tarfile from the first header the plain reader left (a compressed tar: from 0)
+                yield from with_tarfile(_Rest(head, raw), "r|*" if offset == 0 else "r|", offset)
     except (tarfile.TarError, EOFError) as e:  # zlib errors come as ReadError
         msg = str(e) or type(e).__name__
         if report.members == 0 and (shard.size == 0 or msg == "empty file"):

@@ -328,6 +328,64 @@ def test_corrupt_header_in_the_middle_stops_cleanly(tmp_path):
     assert shard.report.truncated and "corrupt tar header" in shard.report.error
 
 
+def test_plain_reader_and_tarfile_read_the_same(tmp_path, monkeypatch):
+    """Plain members are read without tarfile, the rest by tarfile from the first header that is
+    not plain: samples and reports equal tarfile's alone (every header read by tarfile), for a
+    tar mixing plain members with pax headers (a long name, a non-ASCII name), a directory and a
+    GNU long name, cut anywhere; for a gzip-compressed tar; and the plain reader is really used."""
+    import dataclasses
+    import gzip
+
+    from datacomp_sieve import shards as shards_mod
+
+    plain_file = shards_mod._plain_file
+    plain = []
+
+    def counted(header):
+        out = plain_file(header)
+        plain.append(out is not None)
+        return out
+
+    def read(folder, fast: bool):
+        monkeypatch.setattr(shards_mod, "_plain_file", counted if fast else (lambda header: None))
+        [shard] = list_shards(str(folder))
+        got = list(iter_samples(shard))
+        return got, dataclasses.asdict(shard.report)
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(2):
+            for ext, data in sorted(sample(i)[1].items()):
+                add(tar, f"{i:09d}.{ext}", data)
+        add(tar, "d" * 120 + ".jpg", JPEG)  # a long name: a pax header first
+        add(tar, "folder", None)
+        for ext, data in sorted(sample(2)[1].items()):
+            add(tar, f"ümlaut{2:09d}.{ext}", data)  # a non-ASCII name: a pax header
+        for i in range(3, 5):
+            for ext, data in sorted(sample(i)[1].items()):
+                add(tar, f"{i:09d}.{ext}", data)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf, mode="a", format=tarfile.GNU_FORMAT) as tar:
+        add(tar, "g" * 150 + ".txt", b"gnu long name")
+        for ext, data in sorted(sample(5)[1].items()):
+            add(tar, f"{5:09d}.{ext}", data)
+    full = buf.getvalue()
+    cuts = sorted(set(range(0, len(full) + 1, 173)) | set(range(0, len(full) + 1, 512)) | {len(full)})
+    for cut in cuts:
+        folder = tmp_path / f"cut{cut}"
+        write_shard(folder, 0, full[:cut])
+        assert read(folder, True) == read(folder, False), cut
+    got, report = read(tmp_path / f"cut{len(full)}", True)
+    assert [s.status for s in got] == ["ok", "ok", "no_uid", "ok", "ok", "ok", "no_image", "ok"]
+    assert report["stray_examples"] == ["folder"] and report["members"] == 21 and not report["truncated"]
+    write_shard(tmp_path / "gz", 0, gzip.compress(full))
+    assert read(tmp_path / "gz", True) == read(tmp_path / f"cut{len(full)}", False)
+    plain.clear()
+    write_shard(tmp_path / "plain", 0, tar_bytes([sample(i) for i in range(4)]))
+    got, report = read(tmp_path / "plain", True)
+    assert len(got) == 4 and not report["truncated"] and plain.count(True) == 12
+
+
 # ------------------------------------------------------------------------------------ listing
 
 
