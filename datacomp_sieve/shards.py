@@ -348,8 +348,11 @@ class _Rest(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         if not self.head:
             return self.raw.read(n)
-        out, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
-        return out + (self.raw.read(n - len(out)) if 0 <= len(out) < n else b"")
+        if n < 0:
+            out, self.head = self.head + self.raw.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + self.raw.read(n - len(out)) if len(out) < n else out
 
 
 def _header_error(header: bytes):
