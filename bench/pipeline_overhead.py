@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     per = 1000 * cpu / n
     print(f"{n} images, {args.decode_workers} decoding process(es), batch {args.batch_size}, {os.cpu_count()} cores: "
           f"wall {wall:.2f} s ({n / wall:.0f} img/s), stages {result.stats['timings']}")
+    print(f"decoding processes: {1000 * result.stats['decoding_processes_cpu_s'] / n:.2f} ms CPU per image "
+          "(JPEG decode, resize, crop)")
     print(f"main thread CPU {cpu:.2f} s = {per:.3f} ms/image: this engine's bookkeeping allows at most "
           f"{1000 / per:.0f} images/s; the whole process (the thread taking the crops back from the decoding "
           f"processes included) {1000 * proc / n:.3f} ms/image; of the main thread's share, reading the tar "

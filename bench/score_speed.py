@@ -564,8 +564,11 @@ def main(argv=None) -> int:
     _time_stages(None, split, **{"text: token rows -> captions": (cap, "decode"),
                                  "text: MiniLM encode": (scorer.text, "encode")})
 
+    decode_cpu = []  # per fast run: CPU seconds of the decoding processes
+
     def run_fast(cfg=config):
         scorer.config = cfg
+        decode_cpu.append(0.0)
         fast_dir = _fresh(os.path.join(work, "fast"))
         _sync(torch.device(args.device))
         split.update(dict.fromkeys(split, 0.0))
@@ -581,6 +584,7 @@ def main(argv=None) -> int:
             st = store.shard_stats(os.path.basename(sh)[:-4])
             for k, v in st.get("timings", {}).items():
                 stage[k] = stage.get(k, 0.0) + v
+            decode_cpu[-1] += st.get("decoding_processes_cpu_s", 0.0)
         ok = manifest.get("status", {}).get("ok", 0)
         if ok != args.images:
             print(f"WARNING: the engine scored {ok} of {args.images} images: {manifest.get('status')}")
@@ -640,6 +644,11 @@ def main(argv=None) -> int:
              " (text overlaps captioning)"))
     if util is not None:
         print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
+    if decode_cpu[0]:
+        per_image = 1000 * sum(decode_cpu[:rounds]) / rounds / args.images
+        print(f"  decoding processes: {per_image:.2f} ms CPU per image (JPEG decode, resize, crop): "
+              f"{scorer.decode_workers} of them on free cores decode at most "
+              f"{1000 * scorer.decode_workers / per_image:.0f} images/s")
     print(f"  scores in {fast_dir}")
     print(f"reference ({per}): {n_ref} images in {ref_s:.2f} s; stages: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in ref_stage.items()))

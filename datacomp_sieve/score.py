@@ -120,9 +120,10 @@ def _attached(name: str, shape: tuple):
 
 
 def _decode_chunk(images: list, transform, max_pixels, ring=None) -> list:
-    """In a decoding process: encoded images -> (status, error, uint8 crop or None) each. With
-    ``ring`` (the shared memory's name and shape, a slot per image), a crop is written into its
-    slot and ``IN_RING`` comes back in its place: no crop travels through the pipe."""
+    """In a decoding process: encoded images -> (CPU seconds spent, [(status, error, uint8 crop or
+    None) each]). With ``ring`` (the shared memory's name and shape, a slot per image), a crop is
+    written into its slot and ``IN_RING`` comes back in its place: no crop travels through the pipe."""
+    cpu = time.process_time()
     out = []
     target = _attached(*ring[:2]) if ring is not None else None
     for i, data in enumerate(images):
@@ -132,7 +133,7 @@ def _decode_chunk(images: list, transform, max_pixels, ring=None) -> list:
             target[ring[2][i]] = crop
             crop = IN_RING
         out.append((status, error, crop))
-    return out
+    return time.process_time() - cpu, out
 
 
 IN_RING = "in the ring"  # what a decoding process sends back for a crop it wrote into shared memory
@@ -283,6 +284,7 @@ class ShardScorer:
         self.shared_memory = True
         self._pool = None
         self._ring = None
+        self._decode_cpu = 0.0  # CPU seconds the decoding processes spent on this shard
         self._text_pool = None
         self.clip = None
         if cfg.clip_model:
@@ -373,7 +375,9 @@ class ShardScorer:
         return self._pool.submit(_decode_chunk, images, transform, self.config.max_image_pixels, ring), slots
 
     def _decoded(self, chunk, future, slots):
-        done = iter(self._result(future, "an image-decoding") if future is not None else ())
+        cpu, done = self._result(future, "an image-decoding") if future is not None else (0.0, ())
+        self._decode_cpu += cpu
+        done = iter(done)
         j = 0
         for sample in chunk:
             if sample.status != "ok":
@@ -520,6 +524,7 @@ class ShardScorer:
 
         overlap = self.overlap_text or self.text_workers
         text_thread = ThreadPoolExecutor(depth, thread_name_prefix="text") if overlap else None
+        self._decode_cpu = 0.0
         if self._ring is not None:
             self._ring.reset()  # nothing of an earlier shard is in flight (``_prepared`` waits)
         prepared = self._prepared(iter_samples(shard))
@@ -565,6 +570,8 @@ class ShardScorer:
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "image_decoding": self.image_decoding(),
         }
+        if self._in_processes():
+            stats["decoding_processes_cpu_s"] = round(self._decode_cpu, 3)
         if report is not None:
             stats["tar"] = report if isinstance(report, dict) else asdict(report)
         return ShardResult(table, stats)
