@@ -82,6 +82,15 @@ class ImageTransform:
         image = F.resize(image, self.resize, interpolation=InterpolationMode.BICUBIC)
         return F.center_crop(image, [self.size, self.size])
 
+    def crop_plan(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, resized width, crop top, crop left) of ``crop`` for an image of this
+        size: torchvision's shorter-side resize and centre crop, as numbers (``resample.py``
+        computes the same pixels from them; valid when ``resize >= size``, so nothing is padded)."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        return new_h, new_w, int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+
     def to_uint8(self, image: "Image.Image"):
         """``crop`` as a uint8 array (size, size, 3): 4 times smaller than the float tensor, so
         decoding processes send these and ``normalize`` finishes the batch on the model's device."""
