@@ -12,7 +12,9 @@ defaults differ (fused attention, half precision):
 - the decoding step as a CUDA graph (``FastBlipSampler.cuda_graphs``): tiny fp32 greedy tokens
   equal transformers' exactly; at BLIP-base size in fp16, sampling is deterministic per seed, and
   the time to decode one batch (256 images x 8 captions, 16 new tokens each) with growing shapes,
-  fixed shapes and the graph, and the graph's capture time.
+  fixed shapes and the graph, and the graph's capture time;
+- resizing and cropping on the device (``resample.py``) gives Pillow's pixels, and its time for
+  one batch.
 """
 
 from __future__ import annotations
@@ -151,6 +153,33 @@ def _gpu_normalize(device) -> bool:
     return same
 
 
+def _device_resize(device, images: int = 256) -> bool:
+    """Resize and crop on the device (``resample.py``) equal to Pillow's; the time for one batch
+    of whole 512 x 341 images."""
+    import time
+
+    import torch
+
+    from bench.score_speed import _sync
+    from datacomp_sieve import resample
+    from datacomp_sieve.caption import ImageTransform
+
+    device = torch.device(device)
+    t = ImageTransform(224)
+    same = resample.matches_pillow(t, device)
+    batch = torch.randint(0, 256, (images, 341, 512, 3), dtype=torch.uint8, device=device)
+    args = ([(341, 512)] * images, [t.crop_plan(341, 512)] * images, t.size)
+    resample.crop_batch(batch, *args)
+    _sync(device)
+    start = time.perf_counter()
+    resample.crop_batch(batch, *args)
+    _sync(device)
+    ms = 1000 * (time.perf_counter() - start)
+    print(f"resize and crop on {device}: {'EQUAL' if same else 'DIFFERENT'} to Pillow's; {images} images of "
+          f"512 x 341 in {ms:.1f} ms ({1000 * images / ms:.0f} images/s)")
+    return same
+
+
 def _half_precision(device) -> bool:
     """BLIP-base fp16/bf16 greedy tokens against transformers' (a figure); sampling deterministic per seed."""
     import torch
@@ -200,7 +229,7 @@ def main(argv=None) -> int:
     if args.graph_only:
         return 0 if _guarded(_graph_timing, args.device, args.graph_images) else 1
     ok = True
-    for check in (_tiny_greedy, _gpu_normalize, _half_precision):
+    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _half_precision):
         ok &= _guarded(check, args.device)
     ok &= _guarded(_graph_timing, args.device, args.graph_images)
     print("OK" if ok else "FAILED")

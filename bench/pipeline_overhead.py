@@ -2,7 +2,7 @@
 tar shards, handing images to the decoding processes and taking the crops back, normalising,
 masking, filling the table.
 
-    python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1] [--pipes]
+    python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1] [--pipes] [--resize_on_device]
 
 The captioner returns a fixed caption list and the text encoder constant vectors, so the models
 cost nothing; images are decoded in processes as on a GPU. Prints the main thread's CPU time per
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,32 +49,39 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--pipes", action="store_true",
                    help="crops come back through the pipes, not shared memory (for comparison)")
+    p.add_argument("--image_size", type=int, default=224,
+                   help="crop size of the preprocessing (224: the reference BLIP's; the captioner is a stand-in)")
+    p.add_argument("--resize_on_device", action="store_true",
+                   help="decoding processes send whole images, resized and cropped in this process "
+                        "(here on the CPU: as on a GPU, without the GPU)")
     args = p.parse_args(argv)
 
     from bench.score_speed import build_shards
+    from datacomp_sieve.caption import ImageTransform
     from datacomp_sieve.score import ScoreConfig, ShardScorer
-    from datacomp_sieve.shards import list_shards
+    from datacomp_sieve.shards import iter_samples, list_shards
 
     work = tempfile.mkdtemp(prefix="pipeline_overhead_")
     build_shards(os.path.join(work, "shards"), args.images, args.images)
     shard = list_shards(os.path.join(work, "shards"))[0]
     scorer = ShardScorer(ScoreConfig(captioner="tiny", device="cpu", batch_size=args.batch_size))
     scorer.text = _ConstantText()
+    scorer.captioner.preprocess = ImageTransform(args.image_size)
     scorer.captioner.start_captions = _fixed_captions
     scorer.decode_workers = args.decode_workers
     scorer.shared_memory = not args.pipes
+    scorer.resize_on_device = args.resize_on_device
     try:
         scorer.score(shard)  # the decoding processes start
         wall, cpu, proc = time.perf_counter(), time.thread_time(), time.process_time()
         result = scorer.score(shard)
         wall, cpu, proc = time.perf_counter() - wall, time.thread_time() - cpu, time.process_time() - proc
+        tar = time.perf_counter()
+        read = sum(1 for _ in iter_samples(shard))
+        tar = time.perf_counter() - tar
     finally:
         scorer.close()
-    from datacomp_sieve.shards import iter_samples
-
-    tar = time.perf_counter()
-    read = sum(1 for _ in iter_samples(shard))
-    tar = time.perf_counter() - tar
+        shutil.rmtree(work, ignore_errors=True)
     n = result.table.num_rows
     per = 1000 * cpu / n
     print(f"{n} images, {args.decode_workers} decoding process(es), batch {args.batch_size}, {os.cpu_count()} cores: "

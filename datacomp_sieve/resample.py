@@ -119,9 +119,9 @@ def crop_batch(images, sizes, plans, size: int, chunk: int = 32):
     return out
 
 
-def matches_pillow(transform) -> bool:
-    """Whether ``crop_batch`` gives ``transform.crop``'s pixels with the installed Pillow, on
-    random images of a few sizes (shrunk, enlarged, tall, wide: both pass orders)."""
+def matches_pillow(transform, device="cpu") -> bool:
+    """Whether ``crop_batch`` on ``device`` gives ``transform.crop``'s pixels with the installed
+    Pillow, on random images of a few sizes (shrunk, enlarged, tall, wide: both pass orders)."""
     import torch
     from PIL import Image
 
@@ -132,5 +132,6 @@ def matches_pillow(transform) -> bool:
     for i, (h, w) in enumerate(sizes):
         batch[i, :h, :w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         want.append(np.asarray(transform.crop(Image.fromarray(batch[i, :h, :w]))))
-    got = crop_batch(torch.from_numpy(batch), sizes, [transform.crop_plan(h, w) for h, w in sizes], transform.size)
-    return all(np.array_equal(g, w) for g, w in zip(got.numpy(), want))
+    got = crop_batch(torch.from_numpy(batch).to(device), sizes, [transform.crop_plan(h, w) for h, w in sizes],
+                     transform.size)
+    return all(np.array_equal(g, w) for g, w in zip(got.cpu().numpy(), want))

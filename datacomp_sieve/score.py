@@ -82,6 +82,9 @@ def shard_seed(seed: int, stem: str) -> int:
 
 #: samples per task sent to a decoding process
 _CHUNK = 16
+#: the largest side of the images decoding processes send whole (``ShardScorer.resize_on_device``);
+#: img2dataset's DataComp downloads are at most 512 pixels a side
+WHOLE_IMAGE_SIDE = 512
 
 
 def _chunks(items, n: int):
@@ -121,17 +124,29 @@ def _attached(name: str, shape: tuple):
 
 def _decode_chunk(images: list, transform, max_pixels, ring=None) -> list:
     """In a decoding process: encoded images -> (CPU seconds spent, [(status, error, uint8 crop or
-    None) each]). With ``ring`` (the shared memory's name and shape, a slot per image), a crop is
-    written into its slot and ``IN_RING`` comes back in its place: no crop travels through the pipe."""
+    None) each]). With ``ring`` (the shared memory's name and shape, a slot per image, whether
+    whole images are wanted), a crop is written into the top left of its slot and ``IN_RING``
+    comes back in its place: no crop travels through the pipe; or, where whole images are wanted
+    and the image fits the slot, the decoded image itself is written and its (height, width)
+    comes back: the resize and crop are left to ``resample.crop_batch`` on the model's device."""
+    import numpy as np
+
     cpu = time.process_time()
     out = []
     target = _attached(*ring[:2]) if ring is not None else None
     for i, data in enumerate(images):
         status, error, image = _decode(data, max_pixels)
-        crop = None if image is None else transform.to_uint8(image)
-        if crop is not None and target is not None and crop.shape == target.shape[1:]:
-            target[ring[2][i]] = crop
-            crop = IN_RING
+        crop = None
+        if image is not None:
+            h, w = image.height, image.width
+            if target is not None and ring[3] and image.mode == "RGB" and h <= target.shape[1] and w <= target.shape[2]:
+                target[ring[2][i], :h, :w] = np.asarray(image)
+                crop = (h, w)
+            else:
+                crop = transform.to_uint8(image)
+                if target is not None and crop.shape[0] <= target.shape[1] and crop.shape[1] <= target.shape[2]:
+                    target[ring[2][i], :crop.shape[0], :crop.shape[1]] = crop
+                    crop = IN_RING
         out.append((status, error, crop))
     return time.process_time() - cpu, out
 
@@ -140,7 +155,10 @@ IN_RING = "in the ring"  # what a decoding process sends back for a crop it wrot
 
 
 class _Slot(int):
-    """A crop's place in the ``_CropRing``."""
+    """A crop's place in the ``_CropRing``; ``whole``: (height, width) where it holds the whole
+    decoded image instead."""
+
+    whole = None
 
 
 class _CropRing:
@@ -188,20 +206,22 @@ class _CropRing:
             return None
         return [_Slot(self.free.pop()) for _ in range(n)]
 
-    def gather(self, pixels, pin: bool = False):
-        """uint8 (B, size, size, 3) of ``pixels`` (slots, or crops that came through a pipe); the
-        slots are given back. ``pin``: into page-locked memory (torch's cache of it), for a
-        non-blocking copy to a GPU; else into one buffer reused by every call (fresh memory costs
-        more than the copy), so the batch is only good until the next call."""
+    def gather(self, pixels, height: int, width: int, pin: bool = False):
+        """uint8 (B, height, width, 3): the top left of ``pixels``' slots (or crops that came
+        through a pipe); the slots are given back. ``pin``: into page-locked memory (torch's cache
+        of it), for a non-blocking copy to a GPU; else into one buffer reused by every call (fresh
+        memory costs more than the copy), so the batch is only good until the next call."""
         import torch
 
-        src = torch.from_numpy(self.array)
+        src = torch.from_numpy(self.array)[:, :height, :width]
+        shape = (len(pixels), height, width, 3)
         if pin:
-            out = torch.empty((len(pixels), *self.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            out = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         else:
-            if self._out is None or self._out.shape[0] < len(pixels):
-                self._out = torch.empty((len(pixels), *self.shape[1:]), dtype=torch.uint8)
-            out = self._out[:len(pixels)]
+            n = len(pixels) * height * width * 3
+            if self._out is None or self._out.numel() < n:
+                self._out = torch.empty(n, dtype=torch.uint8)
+            out = self._out[:n].view(shape)
         slots = [p for p in pixels if isinstance(p, _Slot)]
         if len(slots) == len(pixels):
             torch.index_select(src, 0, torch.tensor(slots), out=out)
@@ -282,6 +302,12 @@ class ShardScorer:
         self.text_workers = 0
         #: crops from the decoding processes come back through shared memory (``_CropRing``)
         self.shared_memory = True
+        #: with shared memory, the decoding processes send whole decoded images (up to
+        #: ``WHOLE_IMAGE_SIDE`` pixels a side) and the resize and crop run on the model's device
+        #: (``resample.py``: Pillow's pixels, bit for bit; checked against the installed Pillow
+        #: first): a decoding process then does about a third of the work. None: on GPUs.
+        self.resize_on_device: bool | None = None
+        self._whole = False  # whether the current ring takes whole images
         self._pool = None
         self._ring = None
         self._decode_cpu = 0.0  # CPU seconds the decoding processes spent on this shard
@@ -368,11 +394,48 @@ class ShardScorer:
         if self._pool is None:
             self._pool = _spawn_pool(self.decode_workers)
             if self.shared_memory:
-                self._ring = _CropRing.create(ahead + self.config.batch_size + _CHUNK,
-                                              (transform.size, transform.size, 3))
+                self._whole = self._resize_here(transform)
+                side = max(WHOLE_IMAGE_SIDE, transform.size) if self._whole else transform.size
+                self._ring = _CropRing.create(ahead + self.config.batch_size + _CHUNK, (side, side, 3))
         slots = self._ring.take(len(images)) if self._ring is not None else None
-        ring = (self._ring.shm.name, self._ring.shape, slots) if slots is not None else None
+        ring = (self._ring.shm.name, self._ring.shape, slots, self._whole) if slots is not None else None
         return self._pool.submit(_decode_chunk, images, transform, self.config.max_image_pixels, ring), slots
+
+    def _resize_here(self, transform) -> bool:
+        """Whether to resize and crop on the model's device (``resize_on_device``)."""
+        from . import resample
+
+        # by default where batches go to a GPU as uint8 (in fp32 they are normalised on the CPU)
+        wanted = self.resize_on_device if self.resize_on_device is not None else \
+            self.on_gpu and self.config.precision != "fp32"
+        if not wanted or transform.resize < transform.size:
+            return False
+        if resample.matches_pillow(transform, self.config.device if self.on_gpu else "cpu"):
+            return True
+        log.warning("resizing on the device does not match this Pillow's pixels; decoding processes resize")
+        return False
+
+    def _crops(self, pixels, device, pin: bool):
+        """uint8 (B, size, size, 3) on ``device`` from slots of the ring (crops, or whole images
+        resized and cropped here) and crops that came through a pipe; the slots are given back."""
+        import torch
+
+        from . import resample
+
+        transform = self.captioner.preprocess
+        size = transform.size
+        whole = [i for i, p in enumerate(pixels) if getattr(p, "whole", None)]
+        if not whole:
+            return self._ring.gather(pixels, size, size, pin).to(device, non_blocking=pin)
+        out = torch.empty((len(pixels), size, size, 3), dtype=torch.uint8, device=device)
+        rest = [i for i, p in enumerate(pixels) if not getattr(p, "whole", None)]
+        if rest:
+            out[rest] = self._ring.gather([pixels[i] for i in rest], size, size, pin).to(device, non_blocking=pin)
+        sizes = [pixels[i].whole for i in whole]
+        images = self._ring.gather([pixels[i] for i in whole], max(h for h, _ in sizes), max(w for _, w in sizes), pin)
+        plans = [transform.crop_plan(h, w) for h, w in sizes]
+        out[whole] = resample.crop_batch(images.to(device, non_blocking=pin), sizes, plans, size)
+        return out
 
     def _decoded(self, chunk, future, slots):
         cpu, done = self._result(future, "an image-decoding") if future is not None else (0.0, ())
@@ -385,7 +448,9 @@ class ShardScorer:
                 continue
             status, error, pixels = next(done)
             if slots is not None:
-                if isinstance(pixels, str):  # IN_RING: written into its slot
+                if isinstance(pixels, (str, tuple)):  # IN_RING, or (height, width) of a whole image
+                    if isinstance(pixels, tuple):
+                        slots[j].whole = pixels
                     pixels = slots[j]
                 else:  # not decoded (or sent through the pipe): its slot is free again
                     self._ring.free.append(slots[j])
@@ -503,12 +568,11 @@ class ShardScorer:
                 # half anyway); in fp32 on the CPU, as the reference
                 to_gpu = self.on_gpu and cfg.precision != "fp32"
                 if self._ring is not None:
-                    batch = self._ring.gather(pixels, pin=to_gpu)
+                    batch = self._crops(pixels, cfg.device if to_gpu else "cpu", pin=to_gpu)
                 else:
                     batch = torch.from_numpy(np.stack(pixels))
-                    batch = batch.pin_memory() if to_gpu else batch
-                if to_gpu:
-                    batch = batch.to(cfg.device, non_blocking=True)
+                    if to_gpu:
+                        batch = batch.pin_memory().to(cfg.device, non_blocking=True)
                 stacked = self.captioner.preprocess.normalize(batch)
             else:
                 stacked = torch.stack(pixels)

@@ -269,13 +269,20 @@ def test_crops_through_shared_memory_or_pipes_give_the_same_rows(toy_pool, store
     ring.close()
     assert ring._ring is None
     run("pipes", shared_memory=False).close()
-    # chunks of 3 samples, every other one through the pipes: batches mix both; the first batch fails
+    # whole decoded images in the ring, resized and cropped in this process (as on a GPU)
+    whole = run("whole", resize_on_device=True)
+    assert whole._whole and whole._ring.shape[1:] == (512, 512, 3)
+    assert sorted(whole._ring.free) == list(range(whole._ring.shape[0]))
+    whole.close()
+    # chunks of 3 samples, every other one through the pipes: batches mix whole images in the ring
+    # and crops through the pipes; the first batch fails
     import datacomp_sieve.score as score_mod
 
     take, taken = _CropRing.take, []
     monkeypatch.setattr(score_mod, "_CHUNK", 3)
     monkeypatch.setattr(_CropRing, "take", lambda self, n: taken.append(n) or (take(self, n) if len(taken) % 2 else None))
     both = ShardScorer(label_config())
+    both.resize_on_device = True  # whole images in the ring, crops through the pipes
     start, calls = both.captioner.start_captions, []
 
     def fails_once(*a, **kw):
@@ -297,6 +304,6 @@ def test_crops_through_shared_memory_or_pipes_give_the_same_rows(toy_pool, store
         small_shm = run("small_shm")
     assert small_shm._ring is None and "not shared memory (/dev/shm: 0 MB free" in caplog.text
     small_shm.close()
-    for name in ("ring", "pipes", "both", "small_shm"):
+    for name in ("ring", "pipes", "whole", "both", "small_shm"):
         for x, y in zip(sorted(store.glob("*.parquet")), sorted((tmp_path / name).glob("*.parquet")), strict=True):
             assert pq.read_table(x).equals(pq.read_table(y)), (name, x.name)
