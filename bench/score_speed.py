@@ -644,6 +644,7 @@ def main(argv=None) -> int:
              " (text overlaps captioning)"))
     if util is not None:
         print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
+    print(f"  image decoding: {scorer.image_decoding()}")
     if decode_cpu[0]:
         per_image = 1000 * sum(decode_cpu[:rounds]) / rounds / args.images
         print(f"  decoding processes: {per_image:.2f} ms CPU per image (JPEG decode, resize, crop): "

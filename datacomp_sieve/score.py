@@ -345,9 +345,14 @@ class ShardScorer:
                 and self.clip is None and not multiprocessing.current_process().daemon)
 
     def image_decoding(self) -> str:
-        """Where images are decoded: "processes (N)", "threads (N)" or "in line"."""
+        """Where images are decoded: "processes (N)" (once they ran: "processes (N, how the images
+        come back)"), "threads (N)" or "in line"."""
         if self._in_processes():
-            return f"processes ({self.decode_workers})"
+            if self._pool is None:
+                return f"processes ({self.decode_workers})"
+            how = "pipes" if self._ring is None else \
+                "shared memory, resized on the device" if self._whole else "shared memory"
+            return f"processes ({self.decode_workers}, {how})"
         return f"threads ({self.decode_threads})" if self.decode_threads else "in line"
 
     def _prepared(self, samples):

@@ -125,7 +125,8 @@ def test_worker_processes_decode_images_in_processes_of_their_own(toy_pool, refe
     assert m["failed"] == {} and m["run"]["workers"] == 2
     assert_same_store(reference, out)
     store = ScoreStore(str(out))
-    assert {store.shard_stats(s)["image_decoding"] for s in STEMS} == {"processes (1)"}  # 1 core per worker here
+    # 1 core per worker here; crops through shared memory
+    assert {store.shard_stats(s)["image_decoding"] for s in STEMS} == {"processes (1, shared memory)"}
 
 
 def test_in_process_failure_is_reported_and_the_cli_exits_non_zero(toy_pool, reference, tmp_path, monkeypatch,
