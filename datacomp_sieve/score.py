@@ -181,20 +181,26 @@ class _CropRing:
         self.reset()
 
     @classmethod
-    def create(cls, slots: int, shape: tuple) -> "_CropRing | None":
-        """A ring, or None where shared memory is missing or too small for it (containers often
-        give /dev/shm 64 MB: writing past that kills the writer), so crops go through the pipes."""
+    def create(cls, slots: int, shape: tuple, least: int = 1) -> "_CropRing | None":
+        """A ring of ``slots`` slots, or of fewer (at least ``least``) where /dev/shm has not room
+        for twice as many (containers often give it 64 MB: writing past that kills the writer; the
+        chunks that find no free slot use the pipes), or None where it is missing or smaller still."""
         import numpy as np
 
-        need = slots * int(np.prod(shape))
+        each = int(np.prod(shape))
         try:
             st = os.statvfs("/dev/shm")
-            if st.f_bavail * st.f_frsize < 2 * need:
-                raise OSError(f"{st.f_bavail * st.f_frsize / 2**20:.0f} MB free")
-            return cls(slots, shape)
+            room = st.f_bavail * st.f_frsize
+            fit = min(slots, room // (2 * each))
+            if fit < least:
+                raise OSError(f"{room / 2**20:.0f} MB free")
+            if fit < slots:
+                log.info("shared memory for %d of %d decoded images (/dev/shm: %.0f MB free); the others come "
+                         "back through pipes", fit, slots, room / 2**20)
+            return cls(fit, shape)
         except OSError as e:
             log.info("decoded images come back through pipes, not shared memory (/dev/shm: %s; %.0f MB "
-                     "wanted)", first_line(e), need / 2**20)
+                     "wanted)", first_line(e), slots * each / 2**20)
             return None
 
     def reset(self) -> None:
@@ -401,7 +407,8 @@ class ShardScorer:
             if self.shared_memory:
                 self._whole = self._resize_here(transform)
                 side = max(WHOLE_IMAGE_SIDE, transform.size) if self._whole else transform.size
-                self._ring = _CropRing.create(ahead + self.config.batch_size + _CHUNK, (side, side, 3))
+                self._ring = _CropRing.create(ahead + self.config.batch_size + _CHUNK, (side, side, 3),
+                                              least=2 * _CHUNK)
         slots = self._ring.take(len(images)) if self._ring is not None else None
         ring = (self._ring.shm.name, self._ring.shape, slots, self._whole) if slots is not None else None
         return self._pool.submit(_decode_chunk, images, transform, self.config.max_image_pixels, ring), slots

@@ -297,13 +297,23 @@ def test_crops_through_shared_memory_or_pipes_give_the_same_rows(toy_pool, store
     run("both", both)
     assert sorted(both._ring.free) == list(range(both._ring.shape[0]))  # none lost with the failed shard
     both.close()
-    # /dev/shm too small for the ring: one log line, crops through the pipes
+    # /dev/shm with room for 40 crops (twice over): a ring of 40, the rest through the pipes
+    monkeypatch.setattr(score_mod, "_CHUNK", 16)
+    monkeypatch.setattr(_CropRing, "take", take)
+    blocks = 2 * 40 * 224 * 224 * 3 // 4096 + 1
+    some = os_mod.statvfs_result((4096, 4096, 10**6, blocks, blocks, 100, 10, 10, 0, 255))
+    monkeypatch.setattr(os_mod, "statvfs", lambda path: some)
+    with caplog.at_level(logging.INFO, logger="datacomp_sieve.score"):
+        some_shm = run("some_shm")
+    assert some_shm._ring.shape[0] == 40 and "shared memory for 40 of 56 decoded images" in caplog.text
+    some_shm.close()
+    # /dev/shm too small for a ring: one log line, crops through the pipes
     small = os_mod.statvfs_result((4096, 4096, 100, 10, 10, 100, 10, 10, 0, 255))
     monkeypatch.setattr(os_mod, "statvfs", lambda path: small)
     with caplog.at_level(logging.INFO, logger="datacomp_sieve.score"):
         small_shm = run("small_shm")
     assert small_shm._ring is None and "not shared memory (/dev/shm: 0 MB free" in caplog.text
     small_shm.close()
-    for name in ("ring", "pipes", "whole", "both", "small_shm"):
+    for name in ("ring", "pipes", "whole", "both", "some_shm", "small_shm"):
         for x, y in zip(sorted(store.glob("*.parquet")), sorted((tmp_path / name).glob("*.parquet")), strict=True):
             assert pq.read_table(x).equals(pq.read_table(y)), (name, x.name)
