@@ -162,11 +162,12 @@ class _Slot(int):
 
 
 class _CropRing:
-    """Shared memory the decoding processes write their uint8 crops into: only statuses come back
-    through the pipe, so this process does not read, unpickle and stack about 0.4 MB per image
-    while holding the GIL; the batch is gathered from the slots in one torch copy (which releases
-    it). Slots are taken when a chunk is sent and given back when its batch is gathered, or all
-    at once when a shard starts (nothing is in flight then)."""
+    """Shared memory the decoding processes write their uint8 crops (or whole decoded images, see
+    ``ShardScorer.resize_on_device``) into, one slot each: only statuses come back through the
+    pipe, so this process does not read, unpickle and stack a few hundred kB per image; the batch
+    is gathered from the slots in one torch copy (which releases the GIL). Slots are taken when a
+    chunk is sent and given back when its batch is gathered, or all at once when a shard starts
+    (nothing is in flight then)."""
 
     def __init__(self, slots: int, shape: tuple):
         import numpy as np
