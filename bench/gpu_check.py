@@ -14,7 +14,9 @@ defaults differ (fused attention, half precision):
   the time to decode one batch (256 images x 8 captions, 16 new tokens each) with growing shapes,
   fixed shapes and the graph, and the graph's capture time;
 - resizing and cropping on the device (``resample.py``) gives Pillow's pixels, and its time for
-  one batch.
+  one batch;
+- the BLIP-base ViT in fp16 as transformers runs it and with fused attention (the fast path's):
+  the largest difference and the time for one batch.
 """
 
 from __future__ import annotations
@@ -180,6 +182,40 @@ def _device_resize(device, images: int = 256) -> bool:
     return same
 
 
+def _vision_timing(device, images: int = 256) -> bool:
+    """BLIP-base ViT in fp16 on one batch: transformers' forward against ``decoding.vision_states``
+    with fused attention (the fast path's): the largest difference and both times."""
+    import time
+
+    import torch
+
+    from bench.score_speed import _sync, random_blip
+    from datacomp_sieve.decoding import vision_states
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        print("vision timing: skipped on the CPU (fp16)")
+        return True
+    model, _, size = random_blip("base", 0)
+    vision = model.vision_model.to(device, torch.float16).eval()
+    px = torch.randn(images, 3, size, size, device=device, dtype=torch.float16)
+    times = {}
+    with torch.inference_mode():
+        for name, run in (("transformers", lambda: vision(pixel_values=px).last_hidden_state),
+                          ("fused", lambda: vision_states(vision, px, fused=True))):
+            out = run()
+            _sync(device)
+            start = time.perf_counter()
+            out = run()
+            _sync(device)
+            times[name] = (time.perf_counter() - start, out)
+    diff = (times["fused"][1].float() - times["transformers"][1].float()).abs().max().item()
+    print(f"BLIP-base ViT fp16, {images} images: transformers {1000 * times['transformers'][0]:.1f} ms "
+          f"({images / times['transformers'][0]:.0f} images/s), fused attention {1000 * times['fused'][0]:.1f} ms "
+          f"({images / times['fused'][0]:.0f} images/s); largest difference {diff:.3g}")
+    return diff < 0.1
+
+
 def _half_precision(device) -> bool:
     """BLIP-base fp16/bf16 greedy tokens against transformers' (a figure); sampling deterministic per seed."""
     import torch
@@ -229,7 +265,7 @@ def main(argv=None) -> int:
     if args.graph_only:
         return 0 if _guarded(_graph_timing, args.device, args.graph_images) else 1
     ok = True
-    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _half_precision):
+    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _vision_timing, _half_precision):
         ok &= _guarded(check, args.device)
     ok &= _guarded(_graph_timing, args.device, args.graph_images)
     print("OK" if ok else "FAILED")

@@ -414,7 +414,16 @@ class BlipCaptioner(Captioner):
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=self.pad_id) for o in outs])
 
     def encode_images(self, pixel_values):
-        """The ViT's last hidden states (B, 1 + patches, D): the decoder's cross-attention input."""
+        """The ViT's last hidden states (B, 1 + patches, D): the decoder's cross-attention input.
+        The fast decoding runs the ViT as ``decoding.vision_states`` (fused attention where the
+        sampler uses it, on GPUs; the model's own numbers on the CPU); the reference, as
+        transformers does."""
+        if self.decoding == "fast":
+            from .decoding import vision_states
+
+            fused = self.sampler.fused_attention
+            fused = pixel_values.device.type != "cpu" if fused is None else fused
+            return vision_states(self.model.vision_model, pixel_values, fused=fused)
         return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def _generate_from_embeds(self, image_embeds, r: int):

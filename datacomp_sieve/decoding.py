@@ -69,6 +69,29 @@ def _attend(q, k, v, causal: bool = False, fused: bool = False, valid=None):
     return torch.matmul(scores.softmax(-1), v)
 
 
+def vision_states(vision, pixel_values, fused: bool = False):
+    """BLIP's ViT (transformers' ``BlipVisionModel``: embeddings, pre-norm layers, final layer
+    norm) run on its own modules: its last hidden states (B, 1 + patches, D). With ``fused``, the
+    attention is torch's fused kernel (no (B, heads, T, T) score tensor in memory); without, the
+    model's own formula (matmul, scale, softmax, matmul), whose numbers equal the model's bit for
+    bit."""
+    import torch
+
+    x = vision.embeddings(pixel_values)
+    for layer in vision.encoder.layers:
+        attn = layer.self_attn
+        b, t, d = x.shape
+        qkv = attn.qkv(layer.layer_norm1(x)).reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if fused:
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        else:
+            ctx = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1), v)
+        x = attn.projection(ctx.permute(0, 2, 1, 3).reshape(b, t, d)) + x
+        x = layer.mlp(layer.layer_norm2(x)) + x
+    return vision.post_layernorm(x)
+
+
 class FastBlipSampler:
     """Samples r token rows per image from a transformers ``BlipTextLMHeadModel``."""
 

@@ -342,3 +342,29 @@ def test_a_failed_capture_falls_back_to_the_same_step(pixels, monkeypatch, caplo
     warnings = [r.getMessage() for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
     assert warnings == ["CUDA graph capture failed (operation not permitted when stream is capturing); "
                         "decoding steps run without a graph"]  # once per shape, one line
+
+
+@pytest.mark.parametrize("hidden,heads", [(32, 4), (36, 3)])
+def test_vision_states_equal_the_model(pixels, hidden, heads):
+    """The ViT run on its own modules gives transformers' last hidden states bit for bit on the CPU
+    (head size 8 and 12: the scale is not a power of two), and the fused attention the same to
+    float32 rounding; the fast captioner encodes images with it."""
+    from transformers import BlipVisionModel
+
+    from datacomp_sieve.blip_checkpoint import tiny_blip_config
+    from datacomp_sieve.decoding import vision_states
+
+    config = tiny_blip_config(64).vision_config
+    config.hidden_size, config.num_attention_heads = hidden, heads
+    vision = BlipVisionModel(config).eval()
+    gen = torch.Generator().manual_seed(hidden)
+    with torch.no_grad():  # weights large enough that attention is far from uniform (rounding shows)
+        for p in vision.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 and p.shape[0] == hidden else 0.0))
+    with torch.inference_mode():
+        want = vision(pixel_values=pixels).last_hidden_state
+        assert torch.equal(vision_states(vision, pixels), want)
+        assert torch.allclose(vision_states(vision, pixels, fused=True), want, atol=1e-4)
+        cap = build_captioner("tiny", device="cpu")
+        cap.model.vision_model = vision
+        assert torch.equal(cap.encode_images(pixels), want)
