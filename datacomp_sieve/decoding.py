@@ -26,7 +26,8 @@ so captions for a seed differ from the reference path's; their distribution does
 exactly 50 candidates, where transformers also keeps tokens tied with the 50th logit.
 
 Everything but attention reuses the model's own modules (embeddings, dense layers, layer norms,
-the LM head), so weights, activations and dtypes are the model's.
+the LM head), so weights, activations and dtypes are the model's. ``vision_states`` runs the
+image encoder (the ViT) the same way, for the fast path's ``encode_images``.
 """
 
 from __future__ import annotations
