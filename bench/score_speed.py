@@ -465,7 +465,8 @@ def main(argv=None) -> int:
                    help="after the rounds, time this engine alone at other settings: comma-separated BATCH, "
                         "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
                         "TEXT: text-encoder processes), each optionally ending in g (the decoding step as a CUDA "
-                        "graph), e.g. 256,512x14,256x12x3,256x12x3g")
+                        "graph) and/or c (resize and crop in the decoding processes, not on the device), e.g. "
+                        "256,512x14,256x12x3,256x12x3g,256x12x3gc")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -474,10 +475,12 @@ def main(argv=None) -> int:
     if args.reference_images is not None and not 1 <= args.reference_images <= args.images:
         p.error("--reference_images must be between 1 and --images")
     try:
-        sweep = [(tuple(int(x) for x in item.strip().removesuffix("g").split("x")), item.strip().endswith("g"))
-                 for item in args.sweep.split(",") if item.strip()]
+        sweep = []
+        for item in filter(None, (i.strip() for i in args.sweep.split(","))):
+            numbers = item.rstrip("gc")
+            sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c] items, got {args.sweep!r}")
 
     import logging
 
@@ -666,32 +669,35 @@ def main(argv=None) -> int:
         print()
         default_workers, default_text = scorer.decode_workers, scorer.text_workers
         sampler = getattr(scorer.captioner, "sampler", None)
-        for item, graphs in sweep:
+        for item, flags in sweep:
+            graphs = "g" in flags
             try:
                 batch = item[0]
                 cfg = dataclasses.replace(config, batch_size=batch)
                 workers = item[1] if len(item) > 1 else default_workers
                 text = item[2] if len(item) > 2 else default_text
-                if (workers, text) != (scorer.decode_workers, scorer.text_workers):
+                resize = False if "c" in flags else None
+                if (workers, text, resize) != (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device):
                     scorer.close()
-                    scorer.decode_workers, scorer.text_workers = workers, text
+                    scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = workers, text, resize
                     run_fast(cfg)  # untimed: the processes start
                 if sampler is not None and sampler.cuda_graphs != graphs:
                     sampler.cuda_graphs = graphs
                     run_fast(cfg)  # untimed: the graphs are captured
                 s_time, s_stage, s_rate = run_fast(cfg)
                 util = s_stage.pop("gpu utilisation %", None)
-                print(f"sweep: batch {batch}, decode workers {workers}, text workers {text}, CUDA graphs "
+                print(f"sweep: batch {batch}, decode workers {workers} (image decoding: {scorer.image_decoding()}), "
+                      f"text workers {text}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                       + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
             except Exception:  # noqa: BLE001 - one setting failing should not lose the others' figures
                 traceback.print_exc()
-                print(f"sweep: {'x'.join(map(str, item))}{'g' if graphs else ''}: FAILED with an exception")
+                print(f"sweep: {'x'.join(map(str, item))}{flags}: FAILED with an exception")
                 scorer.close()
         scorer.close()
-        scorer.decode_workers, scorer.text_workers = default_workers, default_text
+        scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = default_workers, default_text, None
         if sampler is not None:
             sampler.cuda_graphs = False
     if rounds > 1:
