@@ -155,14 +155,25 @@ def _gpu_normalize(device) -> bool:
     return same
 
 
+def _warm_timed(run, device):
+    """(output, seconds) of ``run()`` called after one untimed call, the device synchronised."""
+    import time
+
+    from bench.score_speed import _sync
+
+    run()
+    _sync(device)
+    start = time.perf_counter()
+    out = run()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
 def _device_resize(device, images: int = 256) -> bool:
     """Resize and crop on the device (``resample.py``) equal to Pillow's; the time for one batch
     of whole 512 x 341 images."""
-    import time
-
     import torch
 
-    from bench.score_speed import _sync
     from datacomp_sieve import resample
     from datacomp_sieve.caption import ImageTransform
 
@@ -171,12 +182,7 @@ def _device_resize(device, images: int = 256) -> bool:
     same = resample.matches_pillow(t, device)
     batch = torch.randint(0, 256, (images, 341, 512, 3), dtype=torch.uint8, device=device)
     args = ([(341, 512)] * images, [t.crop_plan(341, 512)] * images, t.size)
-    resample.crop_batch(batch, *args)
-    _sync(device)
-    start = time.perf_counter()
-    resample.crop_batch(batch, *args)
-    _sync(device)
-    ms = 1000 * (time.perf_counter() - start)
+    ms = 1000 * _warm_timed(lambda: resample.crop_batch(batch, *args), device)[1]
     print(f"resize and crop on {device}: {'EQUAL' if same else 'DIFFERENT'} to Pillow's; {images} images of "
           f"512 x 341 in {ms:.1f} ms ({1000 * images / ms:.0f} images/s)")
     return same
@@ -185,11 +191,9 @@ def _device_resize(device, images: int = 256) -> bool:
 def _vision_timing(device, images: int = 256) -> bool:
     """BLIP-base ViT in fp16 on one batch: transformers' forward against ``decoding.vision_states``
     with fused attention (the fast path's): the largest difference and both times."""
-    import time
-
     import torch
 
-    from bench.score_speed import _sync, random_blip
+    from bench.score_speed import random_blip
     from datacomp_sieve.decoding import vision_states
 
     device = torch.device(device)
@@ -197,22 +201,19 @@ def _vision_timing(device, images: int = 256) -> bool:
         print("vision timing: skipped on the CPU (fp16)")
         return True
     model, _, size = random_blip("base", 0)
-    vision = model.vision_model.to(device, torch.float16).eval()
+    vision = model.vision_model
+    with torch.no_grad():  # transformers initialises BLIP's ViT with std 1e-10: attention would be uniform
+        for p in vision.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    vision = vision.to(device, torch.float16).eval()
     px = torch.randn(images, 3, size, size, device=device, dtype=torch.float16)
-    times = {}
     with torch.inference_mode():
-        for name, run in (("transformers", lambda: vision(pixel_values=px).last_hidden_state),
-                          ("fused", lambda: vision_states(vision, px, fused=True))):
-            out = run()
-            _sync(device)
-            start = time.perf_counter()
-            out = run()
-            _sync(device)
-            times[name] = (time.perf_counter() - start, out)
-    diff = (times["fused"][1].float() - times["transformers"][1].float()).abs().max().item()
-    print(f"BLIP-base ViT fp16, {images} images: transformers {1000 * times['transformers'][0]:.1f} ms "
-          f"({images / times['transformers'][0]:.0f} images/s), fused attention {1000 * times['fused'][0]:.1f} ms "
-          f"({images / times['fused'][0]:.0f} images/s); largest difference {diff:.3g}")
+        want, hf_s = _warm_timed(lambda: vision(pixel_values=px).last_hidden_state, device)
+        got, fused_s = _warm_timed(lambda: vision_states(vision, px, fused=True), device)
+    diff = (got.float() - want.float()).abs().max().item()
+    print(f"BLIP-base ViT fp16, {images} images: transformers {1000 * hf_s:.1f} ms ({images / hf_s:.0f} images/s), "
+          f"fused attention {1000 * fused_s:.1f} ms ({images / fused_s:.0f} images/s); largest difference {diff:.3g}")
     return diff < 0.1
 
 
