@@ -464,9 +464,10 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default="",
                    help="after the rounds, time this engine alone at other settings: comma-separated BATCH, "
                         "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
-                        "TEXT: text-encoder processes), each optionally ending in g (the decoding step as a CUDA "
-                        "graph) and/or c (resize and crop in the decoding processes, not on the device), e.g. "
-                        "256,512x14,256x12x3,256x12x3g,256x12x3gc")
+                        "TEXT: text processes, which mask and tokenise), each optionally ending in any of g (the "
+                        "decoding step as a CUDA graph), c (resize and crop in the decoding processes, not on the "
+                        "device) and m (the text processes run their own text encoder on the device too), e.g. "
+                        "256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -477,10 +478,10 @@ def main(argv=None) -> int:
     try:
         sweep = []
         for item in filter(None, (i.strip() for i in args.sweep.split(","))):
-            numbers = item.rstrip("gc")
+            numbers = item.rstrip("gcm")
             sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m] items, got {args.sweep!r}")
 
     import logging
 
@@ -565,7 +566,9 @@ def main(argv=None) -> int:
         "caption: vision encoder": (cap, "encode_images"), "caption: decoding": (cap, "_generate_from_embeds")})
     # not synchronised: the text half runs on its own stream beside the captioning
     _time_stages(None, split, **{"text: token rows -> captions": (cap, "decode"),
-                                 "text: MiniLM encode": (scorer.text, "encode")})
+                                 "text: MiniLM encode": (scorer.text, "encode"),
+                                 # with text processes that only tokenise, the forward runs here
+                                 "text: MiniLM forward": (scorer.text, "embed")})
 
     decode_cpu = []  # per fast run: CPU seconds of the decoding processes
 
@@ -677,9 +680,12 @@ def main(argv=None) -> int:
                 workers = item[1] if len(item) > 1 else default_workers
                 text = item[2] if len(item) > 2 else default_text
                 resize = False if "c" in flags else None
-                if (workers, text, resize) != (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device):
+                setting = (workers, text, resize, "m" in flags)
+                if setting != (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device,
+                               scorer.text_model_in_workers):
                     scorer.close()
-                    scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = workers, text, resize
+                    (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device,
+                     scorer.text_model_in_workers) = setting
                     run_fast(cfg)  # untimed: the processes start
                 if sampler is not None and sampler.cuda_graphs != graphs:
                     sampler.cuda_graphs = graphs
@@ -687,7 +693,7 @@ def main(argv=None) -> int:
                 s_time, s_stage, s_rate = run_fast(cfg)
                 util = s_stage.pop("gpu utilisation %", None)
                 print(f"sweep: batch {batch}, decode workers {workers} (image decoding: {scorer.image_decoding()}), "
-                      f"text workers {text}, CUDA graphs "
+                      f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
@@ -698,6 +704,7 @@ def main(argv=None) -> int:
                 scorer.close()
         scorer.close()
         scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = default_workers, default_text, None
+        scorer.text_model_in_workers = False
         if sampler is not None:
             sampler.cuda_graphs = False
     if rounds > 1:

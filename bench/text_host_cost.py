@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import torch
 
     from datacomp_sieve.caption import GenerationSettings, build_blip_tokenizer, decode_captions
-    from datacomp_sieve.text import sieve_scores
+    from datacomp_sieve.text import masked_texts, scores_of, sieve_scores
 
     enc = host_only_encoder()
     tok = build_blip_tokenizer()
@@ -68,9 +68,21 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     sieve_scores(enc, alts, caps)
     score_s = time.perf_counter() - t
+    # split as with text processes (ShardScorer.text_workers): they mask and tokenise, the
+    # scoring process runs the encoder's forward and the cosines
+    t = time.perf_counter()
+    masked = masked_texts(alts, caps)
+    batches, order = enc.features(masked[0] + masked[1])
+    worker_s = time.perf_counter() - t
+    t = time.perf_counter()
+    scores_of(enc.embed(batches, order), masked)
+    main_s = time.perf_counter() - t
     per = 1000 * (decode_s + score_s) / n
     print(f"{n} images x {r} captions (+ alt-text): token rows -> captions {decode_s:.2f} s, masking + "
           f"tokenising + sentence-transformers without its layers {score_s:.2f} s")
+    print(f"split as with text processes: masking + tokenising {1000 * worker_s / n:.2f} ms/image in a text "
+          f"process; the scoring process {1000 * (decode_s + main_s) / n:.2f} ms/image (token rows -> captions, "
+          "the encoder's forward without its layers, cosines)")
     print(f"host {per:.2f} ms/image: at most {1000 / per:.0f} images/s per text thread")
     return 0
 

@@ -256,20 +256,30 @@ def _spawn_pool(workers: int, **kw):
 _TEXT = {}  # in a text process: its encoder and masking
 
 
-def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str) -> None:
+def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str, batch_size: int) -> None:
     import torch
 
     from .text import TextEncoder
 
     torch.set_num_threads(1)
-    _TEXT.update(encoder=TextEncoder(text_encoder, device=device, precision=precision), masking=masking)
+    _TEXT.update(encoder=TextEncoder(text_encoder, device=device, precision=precision, batch_size=batch_size),
+                 masking=masking)
 
 
 def _score_texts(alt_texts: list, captions: list):
-    """In a text process: ``sieve_scores`` with its own encoder."""
+    """In a text process: ``sieve_scores`` with its own encoder on the device."""
     from .text import sieve_scores
 
     return sieve_scores(_TEXT["encoder"], alt_texts, captions, masking=_TEXT["masking"])
+
+
+def _text_features(alt_texts: list, captions: list):
+    """In a text process: the text half's host work, masking and tokenising; the encoder's
+    forward runs in the scoring process (``TextEncoder.embed``, then ``text.scores_of``)."""
+    from .text import masked_texts
+
+    alt, flat, counts, empty = masked_texts(alt_texts, captions, _TEXT["masking"])
+    return _TEXT["encoder"].features(alt + flat), (None, None, counts, empty)
 
 
 @dataclass
@@ -307,6 +317,10 @@ class ShardScorer:
         #: on a GPU (bench/score_speed.py --sweep BATCHxWORKERSxTEXT): it takes the text half's
         #: host work off this process's GIL.
         self.text_workers = 0
+        #: With text processes: False (default), they mask and tokenise, and the text encoder
+        #: runs here on its own CUDA stream (one CUDA context); True, each runs its own copy of
+        #: the encoder on the device as well. Either way the scores are the same.
+        self.text_model_in_workers = False
         #: crops from the decoding processes come back through shared memory (``_CropRing``)
         self.shared_memory = True
         #: with shared memory, the decoding processes send whole decoded images (up to
@@ -485,9 +499,15 @@ class ShardScorer:
     def _text_processes(self):
         if self._text_pool is None:
             cfg = self.config
-            self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker,
-                                          initargs=(cfg.text_encoder, cfg.device, self.text_precision, cfg.masking))
+            # without the model, a process only tokenises: its copy stays on the CPU
+            device, precision = (cfg.device, self.text_precision) if self._text_model_there() else ("cpu", "fp32")
+            self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker, initargs=(
+                cfg.text_encoder, device, precision, cfg.masking, self.text.batch_size))
         return self._text_pool
+
+    def _text_model_there(self) -> bool:
+        """Whether the text processes run the text encoder too (see ``text_model_in_workers``)."""
+        return self.text_model_in_workers or not self.text.splits
 
     def _result(self, future, what: str):
         """A process pool task's result; when a worker process died, the pools are stopped (started
@@ -520,7 +540,7 @@ class ShardScorer:
 
         from .shards import iter_samples
         from .store import schema
-        from .text import sieve_scores
+        from .text import scores_of, sieve_scores
 
         cfg = self.config
         t0 = time.time()
@@ -538,9 +558,15 @@ class ShardScorer:
         def text_half(idx, images, texts, captions):
             t = time.time()
             caps = captions()
-            if self.text_workers:
+            if self.text_workers and self._text_model_there():
                 best, mean, which = self._result(self._text_processes().submit(_score_texts, list(texts), caps),
                                                  "a text")
+            elif self.text_workers:
+                (batches, order), masked = self._result(
+                    self._text_processes().submit(_text_features, list(texts), caps), "a text")
+                with self._text_stream():
+                    emb = self.text.embed(batches, order)
+                best, mean, which = scores_of(emb, masked)
             else:
                 with self._text_stream():  # on its own CUDA stream: not queued behind the next batch's captioning
                     best, mean, which = sieve_scores(self.text, list(texts), caps, masking=cfg.masking)

@@ -93,10 +93,53 @@ class TextEncoder:
                 # all-MiniLM-L6-v2 ends with a Normalize module: normalising again could move the last bit
                 normalize_embeddings=not self._has_normalize,
             )
+        return self._finish(emb)
+
+    def _finish(self, emb) -> np.ndarray:
         emb = np.asarray(emb, dtype=np.float32)
         if self.precision != "fp32":
             emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
         return emb
+
+    @property
+    def splits(self) -> bool:
+        """Whether ``features`` + ``embed`` give ``encode``'s numbers: the model has no default
+        prompt and pads its batches (sentence-transformers then sorts and batches as written
+        in ``features``)."""
+        flattens = getattr(self.model, "_can_flatten_inputs", None)
+        return not getattr(self.model, "default_prompt_name", None) and not (flattens and flattens())
+
+    def features(self, texts: Sequence[str]) -> tuple[list, np.ndarray]:
+        """``encode``'s host half, for another process: ``(batches, order)``, the tokenised
+        batches (dicts of numpy arrays) that ``encode`` would run, longest texts first, and the
+        texts' order in them. ``embed(batches, order)`` is then ``encode(texts)``."""
+        import torch
+
+        texts = list(texts)
+        order = np.argsort([-len(t) for t in texts])  # sentence-transformers' length sort, as it does it
+        tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize
+        batches = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                feats = tokenize([texts[i] for i in order[start:start + self.batch_size]])
+                batches.append({k: v.numpy() for k, v in feats.items() if isinstance(v, torch.Tensor)})
+        return batches, order
+
+    def embed(self, batches: list, order: np.ndarray) -> np.ndarray:
+        """``encode``'s device half: the embeddings of ``features``' batches, in the texts' order."""
+        import torch
+
+        if not batches:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with torch.inference_mode():
+            for feats in batches:
+                emb = self.model({k: torch.from_numpy(v).to(self.device) for k, v in feats.items()})["sentence_embedding"]
+                out.append(emb if self._has_normalize else torch.nn.functional.normalize(emb, p=2, dim=1))
+            emb = torch.cat(out).cpu()
+        if emb.dtype == torch.bfloat16:
+            emb = emb.float()
+        return self._finish(emb.numpy()[np.argsort(order)])
 
     def sieve_scores(self, alt_texts: Sequence[str], captions: Sequence[Sequence[str]],
                      masking: str = DEFAULT_MASKING):
@@ -133,22 +176,37 @@ def sieve_scores(encoder: TextEncoder, alt_texts: Sequence[str], captions: Seque
     for i, caps in enumerate(captions):
         if not caps:
             raise ValueError(f"sample {i} has no captions")
+    masked = masked_texts(alt_texts, captions, masking)
+    return scores_of(encoder.encode(masked[0] + masked[1]), masked)
+
+
+def masked_texts(alt_texts: Sequence[str], captions: Sequence[Sequence[str]], masking: str = DEFAULT_MASKING):
+    """``(masked alt-texts, masked captions flat, captions per sample, empty)``: what
+    ``sieve_scores`` embeds (alt-texts first, then the captions, in one call) and, for
+    ``scores_of``, each sample's number of captions and which masked captions are empty."""
     masker = get_masker(masking)
-    masked_alt = masker.mask_all(alt_texts)
-    masked_caps = [masker.mask_all(c) for c in captions]
-    flat = [c for caps in masked_caps for c in caps]
-    emb = encoder.encode(masked_alt + flat)
+    flat = masker.mask_all([c for caps in captions for c in caps])
+    counts = np.fromiter((len(c) for c in captions), dtype=np.int64, count=len(captions))
+    empty = np.fromiter((len(c) == 0 for c in flat), dtype=bool, count=len(flat))
+    return masker.mask_all(list(alt_texts)), flat, counts, empty
+
+
+def scores_of(emb: np.ndarray, masked: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sieve_scores``' result from the embeddings of ``masked_texts``' alt-texts and captions
+    (rows in that order)."""
+    _, _, counts, empty = masked
+    n = len(counts)
     alt_emb, cap_emb = emb[:n], emb[n:]
     best = np.zeros(n, dtype=np.float32)
     mean = np.zeros(n, dtype=np.float32)
     which = np.zeros(n, dtype=np.int64)
     start = 0
-    for i, caps in enumerate(masked_caps):
-        sims = cap_emb[start:start + len(caps)] @ alt_emb[i]  # float32 cosines
-        start += len(caps)
+    for i, k in enumerate(counts.tolist()):
+        sims = cap_emb[start:start + k] @ alt_emb[i]  # float32 cosines
+        gone = empty[start:start + k]
+        start += k
         j = int(np.argmax(sims))
         which[i] = j
-        best[i] = 0.0 if len(caps[j]) == 0 else sims[j]
-        empty = np.fromiter((len(c) == 0 for c in caps), dtype=bool, count=len(caps))
-        mean[i] = np.where(empty, np.float32(0.0), sims).mean(dtype=np.float32)
+        best[i] = 0.0 if gone[j] else sims[j]
+        mean[i] = np.where(gone, np.float32(0.0), sims).mean(dtype=np.float32)
     return best, mean, which

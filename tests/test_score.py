@@ -200,11 +200,16 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), cfg, progress=False, scorer=threaded)
     in_processes = ShardScorer(cfg)
     in_processes.decode_workers, in_processes.overlap_text, in_processes.text_workers = 2, True, 2
-    assert in_processes._in_processes()
+    assert in_processes._in_processes() and not in_processes._text_model_there()  # they tokenise only
     score_pool(str(toy_pool / "shards"), str(tmp_path / "p"), cfg, progress=False, scorer=in_processes)
     assert in_processes._pool is not None  # a scorer handed in keeps its processes for the next run
     in_processes.close()
-    for other in ("d", "p"):
+    # the text processes running their own copy of the text encoder as well
+    in_processes.text_model_in_workers = True
+    assert in_processes._text_model_there()
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "m"), cfg, progress=False, scorer=in_processes)
+    in_processes.close()
+    for other in ("d", "p", "m"):
         for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / other).glob("*.parquet"))):
             assert pq.read_table(x).equals(pq.read_table(y))
     # the reference decoding: same store layout and statuses, its own (deterministic) captions

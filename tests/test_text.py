@@ -290,6 +290,29 @@ def test_batching_equals_one_by_one(enc, monkeypatch):
     assert enc.sieve_scores(alts[:1], caps[:1])[0][0] == best[0]
 
 
+def test_features_then_embed_is_encode(enc, monkeypatch):
+    """The text half split between processes (tokenised in one, embedded in the other) gives
+    ``encode``'s numbers bit for bit: same length sort, same batches, same padding."""
+    import pickle
+
+    from datacomp_sieve.text import masked_texts, scores_of
+
+    texts = ["a cat", "", "A photo of a dog on a beach at sunset", "a cat", "snow", "  ",
+             "an image of a snowy mountain under a blue sky with clouds and a lake", "red bike", "x" * 40]
+    monkeypatch.setattr(enc, "batch_size", 4)
+    assert enc.splits
+    batches, order = pickle.loads(pickle.dumps(enc.features(texts)))  # as it comes back from a process
+    assert [len(b["input_ids"]) for b in batches] == [4, 4, 1]
+    assert np.array_equal(enc.embed(batches, order), enc.encode(texts))
+    assert enc.embed(*enc.features([])).shape == (0, enc.dim)
+    # and the scores: masked_texts + scores_of are sieve_scores
+    alts, caps = ["A photo of a cat on a sofa", "photo"], [["a cat on a couch", "image of a dog"], ["image"]]
+    masked = masked_texts(alts, caps)
+    got = scores_of(enc.embed(*enc.features(masked[0] + masked[1])), masked)
+    for x, y in zip(got, sieve_scores(enc, alts, caps)):
+        assert np.array_equal(x, y)
+
+
 def test_bad_inputs(enc):
     with pytest.raises(ValueError, match="2 alt-texts but 1 caption lists"):
         sieve_scores(enc, ["a", "b"], [["c"]])
