@@ -3,6 +3,7 @@ tar shards, handing images to the decoding processes and taking the crops back, 
 masking, filling the table.
 
     python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1] [--pipes] [--resize_on_device]
+        [--text_workers N]
 
 The captioner returns a fixed caption list and the text encoder constant vectors, so the models
 cost nothing; images are decoded in processes as on a GPU. Prints the main thread's CPU time per
@@ -10,7 +11,9 @@ image (``time.thread_time``), the ceiling this engine's bookkeeping puts on imag
 whatever the GPU, the CPU time of the whole process (its other threads share the GIL), the time
 reading the tar shard alone takes, and the wall time (on a machine with few cores, the decoding
 processes set it). ``--pipes``: the crops come back pickled through the pipes instead of through
-shared memory (``score._CropRing``), for comparison.
+shared memory (``score._CropRing``), for comparison. ``--text_workers N``: masking and
+tokenising go to N text processes as on a GPU, and what this process spends on the text half
+(handing captions over, taking tokens back, the cosines) is counted in its figures.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ if ROOT not in sys.path:
 
 class _ConstantText:
     description = "constant vectors"
+    splits, batch_size = True, 256  # text processes (--text_workers) tokenise with the real encoder
 
     def encode(self, texts):
         import numpy as np
 
         return np.full((len(texts), 4), 0.5, dtype=np.float32)
+
+    def embed(self, batches, order):
+        return self.encode(order)
 
 
 def _fixed_captions(pixels, num_captions, generator=None, seed=None):
@@ -51,6 +58,9 @@ def main(argv=None) -> int:
                    help="crops come back through the pipes, not shared memory (for comparison)")
     p.add_argument("--image_size", type=int, default=224,
                    help="crop size of the preprocessing (224: the reference BLIP's; the captioner is a stand-in)")
+    p.add_argument("--text_workers", type=int, default=0,
+                   help="text processes masking and tokenising (with the real text encoder's tokenizer), as "
+                        "ShardScorer.text_workers; the forward stays a constant here")
     p.add_argument("--resize_on_device", action="store_true",
                    help="decoding processes send whole images, resized and cropped in this process "
                         "(here on the CPU: as on a GPU, without the GPU)")
@@ -71,6 +81,7 @@ def main(argv=None) -> int:
     scorer.decode_workers = args.decode_workers
     scorer.shared_memory = not args.pipes
     scorer.resize_on_device = args.resize_on_device
+    scorer.text_workers = args.text_workers
     try:
         scorer.score(shard)  # the decoding processes start
         wall, cpu, proc = time.perf_counter(), time.thread_time(), time.process_time()
