@@ -312,10 +312,9 @@ class ShardScorer:
         #: On a GPU, a batch's captions are turned into text and scored on a thread while the
         #: model captions the next batch.
         self.overlap_text = on_gpu
-        #: Sentence embedding and scoring in this many processes of their own, each with its own
-        #: copy of the text encoder on the device (0: in this process). An option until measured
-        #: on a GPU (bench/score_speed.py --sweep BATCHxWORKERSxTEXT): it takes the text half's
-        #: host work off this process's GIL.
+        #: The text half's host work (masking, tokenising) in this many processes of their own
+        #: (0: in this process). An option until measured on a GPU (bench/score_speed.py
+        #: --sweep BATCHxWORKERSxTEXT): it takes that work off this process's GIL.
         self.text_workers = 0
         #: With text processes: False (default), they mask and tokenise, and the text encoder
         #: runs here on its own CUDA stream (one CUDA context); True, each runs its own copy of
