@@ -16,7 +16,10 @@ defaults differ (fused attention, half precision):
 - resizing and cropping on the device (``resample.py``) gives Pillow's pixels, and its time for
   one batch;
 - the BLIP-base ViT in fp16 as transformers runs it and with fused attention (the fast path's):
-  the largest difference and the time for one batch.
+  the largest difference and the time for one batch;
+- the text encoder split as with text processes (``TextEncoder.features`` then ``embed``) gives
+  ``encode``'s embeddings in the GPU's half precision, and the time of the forward for one
+  batch's texts (256 images x 9 texts).
 """
 
 from __future__ import annotations
@@ -159,8 +162,11 @@ def _warm_timed(run, device):
     """(output, seconds) of ``run()`` called after one untimed call, the device synchronised."""
     import time
 
+    import torch
+
     from bench.score_speed import _sync
 
+    device = torch.device(device)
     run()
     _sync(device)
     start = time.perf_counter()
@@ -217,6 +223,28 @@ def _vision_timing(device, images: int = 256) -> bool:
     return diff < 0.1
 
 
+def _text_split(device, images: int = 256) -> bool:
+    """all-MiniLM-L6-v2 in the engine's GPU precision: tokenised batches embedded here equal
+    ``encode``'s embeddings; the forward's time for one batch's alt-texts and captions."""
+    import random
+
+    import numpy as np
+
+    from bench.text_host_cost import WORDS
+    from datacomp_sieve.text import TextEncoder
+
+    precision = "fp16" if str(device).startswith("cuda") else "fp32"
+    enc = TextEncoder(None, device=device, precision=precision)
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 15))) for _ in range(9 * images)]
+    batches, order = enc.features(texts)
+    same = np.array_equal(enc.embed(batches, order), enc.encode(texts))
+    _, seconds = _warm_timed(lambda: enc.embed(batches, order), device)
+    print(f"text encoder {precision}: tokenised elsewhere and embedded here EQUAL to encode: {same}; "
+          f"forward of {len(texts)} texts ({images} images x 9) {seconds:.3f} s")
+    return same
+
+
 def _half_precision(device) -> bool:
     """BLIP-base fp16/bf16 greedy tokens against transformers' (a figure); sampling deterministic per seed."""
     import torch
@@ -266,7 +294,7 @@ def main(argv=None) -> int:
     if args.graph_only:
         return 0 if _guarded(_graph_timing, args.device, args.graph_images) else 1
     ok = True
-    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _vision_timing, _half_precision):
+    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _vision_timing, _text_split, _half_precision):
         ok &= _guarded(check, args.device)
     ok &= _guarded(_graph_timing, args.device, args.graph_images)
     print("OK" if ok else "FAILED")

@@ -55,3 +55,16 @@ def test_score_speed_reports_a_failing_sweep_item_and_goes_on(tmp_path):
 ])
 def test_host_cost_scripts(script, args, last):
     assert re.fullmatch(last, _run(script, *args).strip().splitlines()[-1])
+
+
+def test_gpu_check_runs_what_a_cpu_can(capsys):
+    """bench/gpu_check.py's checks, those that mean something on a CPU (the half-precision ones
+    are for GPUs), pass here: the instrument for the next GPU session does not rot."""
+    from bench import gpu_check
+
+    for check, args in ((gpu_check._tiny_greedy, ()), (gpu_check._gpu_normalize, ()),
+                        (gpu_check._device_resize, (2,)), (gpu_check._text_split, (2,))):
+        assert check("cpu", *args), check.__name__
+    out = capsys.readouterr().out
+    assert out.count("EQUAL to transformers") == 4 and "EQUAL to Pillow's" in out
+    assert "embedded here EQUAL to encode: True" in out
