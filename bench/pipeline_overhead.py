@@ -3,7 +3,7 @@ tar shards, handing images to the decoding processes and taking the crops back, 
 masking, filling the table.
 
     python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1] [--pipes] [--resize_on_device]
-        [--text_workers N]
+        [--text_workers N] [--device_ms MS --overlap_captioning 0|1]
 
 The captioner returns a fixed caption list and the text encoder constant vectors, so the models
 cost nothing; images are decoded in processes as on a GPU. Prints the main thread's CPU time per
@@ -14,11 +14,15 @@ processes set it). ``--pipes``: the crops come back pickled through the pipes in
 shared memory (``score._CropRing``), for comparison. ``--text_workers N``: masking and
 tokenising go to N text processes as on a GPU, and what this process spends on the text half
 (handing captions over, taking tokens back, the cosines) is counted in its figures.
+``--device_ms MS``: the captioner stands in for a device busy MS ms per batch (it waits with the
+GIL released), to see how much of this process's work overlaps the device's
+(``--overlap_captioning``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -44,7 +48,9 @@ class _ConstantText:
         return self.encode(order)
 
 
-def _fixed_captions(pixels, num_captions, generator=None, seed=None):
+def _fixed_captions(pixels, num_captions, generator=None, seed=None, device_s=0.0):
+    for _ in range(20):  # a sampling loop's per-step waits on a device, the GIL released
+        time.sleep(device_s / 20)
     n = pixels.shape[0]
     return lambda: [["a cat sitting on a wooden table"] * num_captions for _ in range(n)]
 
@@ -61,6 +67,12 @@ def main(argv=None) -> int:
     p.add_argument("--text_workers", type=int, default=0,
                    help="text processes masking and tokenising (with the real text encoder's tokenizer), as "
                         "ShardScorer.text_workers; the forward stays a constant here")
+    p.add_argument("--device_ms", type=float, default=0.0,
+                   help="a stand-in device: the captioner waits this many ms per batch (in 20 steps, the "
+                        "GIL released, as the sampling loop waits on a GPU)")
+    p.add_argument("--overlap_captioning", type=int, choices=(0, 1), default=None,
+                   help="1: each batch is captioned on a thread of its own while the next is read (the GPU "
+                        "default), 0: not (the CPU default)")
     p.add_argument("--resize_on_device", action="store_true",
                    help="decoding processes send whole images, resized and cropped in this process "
                         "(here on the CPU: as on a GPU, without the GPU)")
@@ -77,7 +89,9 @@ def main(argv=None) -> int:
     scorer = ShardScorer(ScoreConfig(captioner="tiny", device="cpu", batch_size=args.batch_size))
     scorer.text = _ConstantText()
     scorer.captioner.preprocess = ImageTransform(args.image_size)
-    scorer.captioner.start_captions = _fixed_captions
+    scorer.captioner.start_captions = functools.partial(_fixed_captions, device_s=args.device_ms / 1000)
+    if args.overlap_captioning is not None:
+        scorer.overlap_captioning = bool(args.overlap_captioning)
     scorer.decode_workers = args.decode_workers
     scorer.shared_memory = not args.pipes
     scorer.resize_on_device = args.resize_on_device
@@ -95,7 +109,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     n = result.table.num_rows
     per = 1000 * cpu / n
-    print(f"{n} images, {args.decode_workers} decoding process(es), batch {args.batch_size}, {os.cpu_count()} cores: "
+    print(f"{n} images, {args.decode_workers} decoding process(es), batch {args.batch_size}, {os.cpu_count()} cores, "
+          f"a stand-in device {args.device_ms:.0f} ms per batch, captioning thread {scorer.overlap_captioning}: "
           f"wall {wall:.2f} s ({n / wall:.0f} img/s), stages {result.stats['timings']}")
     print(f"decoding processes: {1000 * result.stats['decoding_processes_cpu_s'] / n:.2f} ms CPU per image "
           "(JPEG decode, resize, crop)")

@@ -466,8 +466,9 @@ def main(argv=None) -> int:
                         "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
                         "TEXT: text processes, which mask and tokenise), each optionally ending in any of g (the "
                         "decoding step as a CUDA graph), c (resize and crop in the decoding processes, not on the "
-                        "device) and m (the text processes run their own text encoder on the device too), e.g. "
-                        "256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm")
+                        "device), m (the text processes run their own text encoder on the device too) and s "
+                        "(each batch captioned on this thread, not on one of its own while the next is read), "
+                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -478,10 +479,10 @@ def main(argv=None) -> int:
     try:
         sweep = []
         for item in filter(None, (i.strip() for i in args.sweep.split(","))):
-            numbers = item.rstrip("gcm")
+            numbers = item.rstrip("gcms")
             sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s] items, got {args.sweep!r}")
 
     import logging
 
@@ -541,7 +542,8 @@ def main(argv=None) -> int:
     if n_ref_images < args.images:
         print(f"reference-style pipeline timed on the first {n_ref_images} of those images (its rate is "
               f"images per second over those)")
-    print(f"fast: image decoding {scorer.image_decoding()}, text half on a thread: {scorer.overlap_text}")
+    print(f"fast: image decoding {scorer.image_decoding()}, text half on a thread: {scorer.overlap_text}, "
+          f"batches captioned on a thread of their own: {scorer.overlap_captioning}")
     print(f"fast: precision {config.precision}, batch {config.batch_size}, decoding {config.decoding}; "
           f"reference: fp32, batch {reference.batch_size}")
     print(f"models loaded in {load_s:.1f} s (not timed)")
@@ -671,12 +673,14 @@ def main(argv=None) -> int:
     if sweep:
         print()
         default_workers, default_text = scorer.decode_workers, scorer.text_workers
+        default_overlap = scorer.overlap_captioning
         sampler = getattr(scorer.captioner, "sampler", None)
         for item, flags in sweep:
             graphs = "g" in flags
             try:
                 batch = item[0]
                 cfg = dataclasses.replace(config, batch_size=batch)
+                scorer.overlap_captioning = default_overlap and "s" not in flags
                 workers = item[1] if len(item) > 1 else default_workers
                 text = item[2] if len(item) > 2 else default_text
                 resize = False if "c" in flags else None
@@ -694,7 +698,8 @@ def main(argv=None) -> int:
                 util = s_stage.pop("gpu utilisation %", None)
                 print(f"sweep: batch {batch}, decode workers {workers} (image decoding: {scorer.image_decoding()}), "
                       f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, CUDA graphs "
-                      f"{bool(sampler is not None and sampler.cuda_graphs)}: fast {s_rate:.2f} img/s "
+                      f"{bool(sampler is not None and sampler.cuda_graphs)}, captioning thread "
+                      f"{scorer.overlap_captioning}: fast {s_rate:.2f} img/s "
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                       + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
@@ -704,7 +709,7 @@ def main(argv=None) -> int:
                 scorer.close()
         scorer.close()
         scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = default_workers, default_text, None
-        scorer.text_model_in_workers = False
+        scorer.text_model_in_workers, scorer.overlap_captioning = False, default_overlap
         if sampler is not None:
             sampler.cuda_graphs = False
     if rounds > 1:

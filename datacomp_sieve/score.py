@@ -312,6 +312,10 @@ class ShardScorer:
         #: On a GPU, a batch's captions are turned into text and scored on a thread while the
         #: model captions the next batch.
         self.overlap_text = on_gpu
+        #: On a GPU, a batch is captioned on a thread of its own while this one reads, gathers and
+        #: moves the next batch to the device (the sampling loop waits on the device at every
+        #: step, with the GIL released): the host's share of each batch overlaps the device's.
+        self.overlap_captioning = on_gpu
         #: The text half's host work (masking, tokenising) in this many processes of their own
         #: (0: in this process). An option until measured on a GPU (bench/score_speed.py
         #: --sweep BATCHxWORKERSxTEXT): it takes that work off this process's GIL.
@@ -595,7 +599,30 @@ class ShardScorer:
                 fill(*texts_ahead.popleft().result())
             timings["text_wait"] += time.time() - t
 
+        def caption(stacked):
+            t = time.time()
+            captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
+            timings["caption"] += time.time() - t  # only this function's thread writes this key
+            return captions
+
+        def to_text(idx, images, texts, captions):
+            drain(depth - 1)
+            if text_thread is not None:
+                texts_ahead.append(text_thread.submit(text_half, idx, images, texts, captions))
+            else:
+                fill(*text_half(idx, images, texts, captions))
+
+        def handed(then=None):
+            """The batch captioning on ``cap_thread``, once done, goes on to its text half; ``then``
+            (the next batch) starts captioning first, so the device does not wait for the hand-over."""
+            nonlocal captioning
+            done = captioning and (*captioning[:3], captioning[3].result())
+            captioning = then and (*then[:3], cap_thread.submit(caption, then[3]))
+            if done:
+                to_text(*done)
+
         def flush():
+            nonlocal prep_s
             if not pending:
                 return
             idx, images, pixels, texts = zip(*pending)
@@ -614,18 +641,20 @@ class ShardScorer:
                 stacked = self.captioner.preprocess.normalize(batch)
             else:
                 stacked = torch.stack(pixels)
-            captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
-            timings["caption"] += time.time() - t
-            drain(depth - 1)
-            if text_thread is not None:
-                texts_ahead.append(text_thread.submit(text_half, idx, images, texts, captions))
+            prep_s += time.time() - t
+            if cap_thread is not None:
+                handed((idx, images, texts, stacked))
             else:
-                fill(*text_half(idx, images, texts, captions))
+                to_text(idx, images, texts, caption(stacked))
 
         from concurrent.futures import ThreadPoolExecutor
 
         overlap = self.overlap_text or self.text_workers
         text_thread = ThreadPoolExecutor(depth, thread_name_prefix="text") if overlap else None
+        # the batch being captioned on its own thread while this one reads and prepares the next
+        cap_thread = ThreadPoolExecutor(1, thread_name_prefix="caption") if self.overlap_captioning else None
+        captioning = None  # (idx, images, texts, future of the captions function)
+        prep_s = 0.0  # gathering, moving and normalising batches (on this thread)
         self._decode_cpu = 0.0
         if self._ring is not None:
             self._ring.reset()  # nothing of an earlier shard is in flight (``_prepared`` waits)
@@ -654,14 +683,18 @@ class ShardScorer:
                     progress.update(1)
             timings["read"] += time.time() - t
             flush()
+            if cap_thread is not None:
+                handed()
             drain(0)
         except torch.cuda.OutOfMemoryError as e:  # a user can fix this one: say how
             torch.cuda.empty_cache()
             raise RuntimeError(_out_of_memory(cfg, e)) from None
         finally:
             prepared.close()  # now, not when the traceback is freed: chunks in flight end before the next shard
-            if text_thread is not None:
-                text_thread.shutdown(cancel_futures=True)
+            for pool in (cap_thread, text_thread):
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        timings["caption"] += prep_s
         table = pa.table(rows, schema=schema(self.clip is not None))
         report = getattr(shard, "report", None)
         stats = {

@@ -22,7 +22,7 @@ def _run(script, *args, timeout=600):
 
 def test_score_speed_with_a_sweep(tmp_path):
     out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "8", "--samples_per_shard", "4",
-               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4c,4x0x1,4x0x1m", "--sep_bias", "3",
+               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4c,4x0x1,4x0x1ms", "--sep_bias", "3",
                "--work_dir", str(tmp_path))
     lines = out.strip().splitlines()
     ends = re.search(r"new tokens per caption, \[SEP\] included: ([\d.]+) on average", out)
@@ -32,7 +32,7 @@ def test_score_speed_with_a_sweep(tmp_path):
     assert len(sweep) == 4 and "CUDA graphs True" in sweep[0] and "CUDA graphs False" in sweep[1]
     # a text process that tokenises (the forward runs in this process, timed), one with the encoder
     assert "text workers 1, " in sweep[2] and "text: MiniLM forward" in sweep[2]
-    assert "text workers 1 (with the encoder), " in sweep[3]
+    assert "text workers 1 (with the encoder), " in sweep[3] and "captioning thread False" in sweep[3]
     assert all("image decoding: in line" in ln for ln in sweep)  # the CPU decodes in line
     assert "FAILED" not in out
     stages = next(ln for ln in lines if ln.startswith("fast (1 round)"))

@@ -193,13 +193,14 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     score_pool(str(toy_pool / "shards"), str(tmp_path / "c"), ScoreConfig(**{**cfg.__dict__, "seed": 1}), progress=False)
     assert [r["captions"] for r in read(tmp_path / "c")] != [r["captions"] for r in rows]
     # what a GPU run does changes nothing: decoding ahead in threads; decoding in processes
-    # (uint8 crops normalised afterwards) with the text half of each batch on threads and the
-    # sentence embedding in processes of its own
+    # (uint8 crops normalised afterwards), each batch captioned on a thread of its own, its text
+    # half on threads, masking and tokenising in processes of their own
     threaded = ShardScorer(cfg)
     threaded.decode_threads = 3
     score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), cfg, progress=False, scorer=threaded)
     in_processes = ShardScorer(cfg)
     in_processes.decode_workers, in_processes.overlap_text, in_processes.text_workers = 2, True, 2
+    in_processes.overlap_captioning = True  # batches captioned on a thread while the next is read
     assert in_processes._in_processes() and not in_processes._text_model_there()  # they tokenise only
     score_pool(str(toy_pool / "shards"), str(tmp_path / "p"), cfg, progress=False, scorer=in_processes)
     assert in_processes._pool is not None  # a scorer handed in keeps its processes for the next run
@@ -229,14 +230,17 @@ def test_overwrite_replaces_a_store_made_with_other_settings(toy_pool, store, tm
     assert all(len(r["captions"]) == 2 for r in read(copy))
 
 
-def test_gpu_out_of_memory_says_which_flag_fixes_it(toy_pool, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["in line", "captioning thread"])
+def test_gpu_out_of_memory_says_which_flag_fixes_it(toy_pool, tmp_path, monkeypatch, overlap):
     """A GPU that runs out of memory fails each shard with one line naming the batch and the flag
-    to lower (simulated: the captioner raises torch's out-of-memory error)."""
+    to lower (simulated: the captioner raises torch's out-of-memory error), also where batches are
+    captioned on a thread of their own."""
     import torch
 
     from datacomp_sieve.score import ShardsFailed
 
     scorer = ShardScorer(label_config())
+    scorer.overlap_captioning = overlap
 
     def oom(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
