@@ -543,6 +543,7 @@ def main(argv=None) -> int:
         print(f"reference-style pipeline timed on the first {n_ref_images} of those images (its rate is "
               f"images per second over those)")
     print(f"fast: image decoding {scorer.image_decoding()}, text half on a thread: {scorer.overlap_text}, "
+          f"text processes: {scorer.text_workers}, "
           f"batches captioned on a thread of their own: {scorer.overlap_captioning}")
     print(f"fast: precision {config.precision}, batch {config.batch_size}, decoding {config.decoding}; "
           f"reference: fp32, batch {reference.batch_size}")

@@ -140,9 +140,13 @@ class InProcessEngine:
 
 # -- one process per device --------------------------------------------------------------------
 def _decode_within(scorer, cpus: int) -> None:
-    """A worker's image-decoding processes fit its share of the cores (one left for the worker)."""
+    """A worker's text and image-decoding processes fit its share of the cores (one left for the
+    worker): at most a text process per five cores, the decoding processes on the rest."""
+    text = getattr(scorer, "text_workers", 0)
+    if text:
+        scorer.text_workers = text = min(text, max(1, cpus // 5))
     if getattr(scorer, "decode_workers", 0):
-        scorer.decode_workers = min(scorer.decode_workers, max(1, cpus - 1))
+        scorer.decode_workers = min(scorer.decode_workers, max(1, cpus - 1 - text))
 
 
 def _process_worker(conn, device, cfg_dict, factory, pin_cuda: bool, threads: int) -> None:

@@ -244,6 +244,14 @@ class _CropRing:
         self.shm.close()
 
 
+def gpu_processes(cpus: int) -> tuple[int, int]:
+    """(text processes, image-decoding processes) for a GPU with ``cpus`` cores: about one text
+    process per five cores (at most 3: each masks and tokenises over 2,000 images/s), and the
+    decoding processes on the rest but two (this process's threads), at most 32."""
+    text = min(3, max(1, cpus // 5))
+    return text, max(1, min(32, cpus - 2 - text))
+
+
 def _spawn_pool(workers: int, **kw):
     """Worker processes started fresh (spawn): the parent may hold CUDA, which forked children
     must not inherit."""
@@ -307,7 +315,7 @@ class ShardScorer:
         #: starve the GPU): in ``decode_workers`` processes where the captioner's transform allows
         #: (uint8 crops come back and are normalised on the GPU), else in ``decode_threads``
         #: threads. On the CPU the models want every core: 0 and 0, decoding in line.
-        self.decode_workers = max(1, min(32, (os.cpu_count() or 1) - 2)) if on_gpu else 0
+        text_workers, self.decode_workers = gpu_processes(os.cpu_count() or 1) if on_gpu else (0, 0)
         self.decode_threads = min(8, os.cpu_count() or 1) if on_gpu else 0
         #: On a GPU, a batch's captions are turned into text and scored on a thread while the
         #: model captions the next batch.
@@ -317,9 +325,10 @@ class ShardScorer:
         #: step, with the GIL released): the host's share of each batch overlaps the device's.
         self.overlap_captioning = on_gpu
         #: The text half's host work (masking, tokenising) in this many processes of their own
-        #: (0: in this process). An option until measured on a GPU (bench/score_speed.py
-        #: --sweep BATCHxWORKERSxTEXT): it takes that work off this process's GIL.
-        self.text_workers = 0
+        #: (0: in this process; on GPUs ``gpu_processes``). On a thread it would hold this
+        #: process's GIL for about 0.9 ms per image (bench/text_host_cost.py), more than 2,500
+        #: images/s leave for everything; split, this process keeps about a third of it.
+        self.text_workers = text_workers
         #: With text processes: False (default), they mask and tokenise, and the text encoder
         #: runs here on its own CUDA stream (one CUDA context); True, each runs its own copy of
         #: the encoder on the device as well. Either way the scores are the same.

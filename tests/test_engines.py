@@ -118,6 +118,23 @@ class DecodingScorer(ShardScorer):
         self.decode_workers, self.overlap_text = 2, True
 
 
+def test_a_workers_processes_fit_its_share_of_the_cores():
+    from types import SimpleNamespace
+
+    from datacomp_sieve.engines import _decode_within
+    from datacomp_sieve.score import gpu_processes
+
+    # one GPU's defaults: a text process per five cores (at most 3), decoding on the rest but two
+    assert [gpu_processes(c) for c in (1, 2, 8, 10, 16, 64)] == [(1, 1), (1, 1), (1, 5), (2, 6), (3, 11), (3, 32)]
+    # 8 GPUs on 96 cores: each worker's 12 (one for the worker itself)
+    scorer = SimpleNamespace(text_workers=3, decode_workers=32)
+    _decode_within(scorer, 12)
+    assert (scorer.text_workers, scorer.decode_workers) == (2, 9)
+    scorer = SimpleNamespace(text_workers=0, decode_workers=2)  # the CPU's: no text processes
+    _decode_within(scorer, 1)
+    assert (scorer.text_workers, scorer.decode_workers) == (0, 1)
+
+
 def test_worker_processes_decode_images_in_processes_of_their_own(toy_pool, reference, tmp_path):
     out = tmp_path / "decoding"
     engine = ProcessEngine([0, 1], scorer_factory=Factory(DecodingScorer))
