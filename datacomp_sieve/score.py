@@ -266,10 +266,12 @@ _TEXT = {}  # in a text process: its encoder and masking
 
 def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str, batch_size: int) -> None:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .text import TextEncoder
 
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # the scoring process has shown its own loading
     _TEXT.update(encoder=TextEncoder(text_encoder, device=device, precision=precision, batch_size=batch_size),
                  masking=masking)
 
@@ -513,8 +515,10 @@ class ShardScorer:
             cfg = self.config
             # without the model, a process only tokenises: its copy stays on the CPU
             device, precision = (cfg.device, self.text_precision) if self._text_model_there() else ("cpu", "fp32")
+            # the folder this process loaded (resolved once, said once in the log), else the name
+            source = self.text.source if os.path.isdir(str(self.text.source)) else cfg.text_encoder
             self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker, initargs=(
-                cfg.text_encoder, device, precision, cfg.masking, self.text.batch_size))
+                source, device, precision, cfg.masking, self.text.batch_size))
         return self._text_pool
 
     def _text_model_there(self) -> bool:
