@@ -548,6 +548,7 @@ class ShardScorer:
             self._ring = None
 
     def score(self, shard, progress=None) -> ShardResult:
+        import multiprocessing
         from collections import deque
 
         import numpy as np
@@ -569,15 +570,17 @@ class ShardScorer:
         pending: list = []  # (row index, image, pixels, alt-text)
 
         texts_ahead = deque()  # text halves of earlier batches, running on threads, oldest first
-        depth = max(1, self.text_workers)  # how many may run at once
+        # text processes: asked for, and this process may have children (a daemon may not)
+        text_workers = self.text_workers if not multiprocessing.current_process().daemon else 0
+        depth = max(1, text_workers)  # how many may run at once
 
         def text_half(idx, images, texts, captions):
             t = time.time()
             caps = captions()
-            if self.text_workers and self._text_model_there():
+            if text_workers and self._text_model_there():
                 best, mean, which = self._result(self._text_processes().submit(_score_texts, list(texts), caps),
                                                  "a text")
-            elif self.text_workers:
+            elif text_workers:
                 (batches, order), masked = self._result(
                     self._text_processes().submit(_text_features, list(texts), caps), "a text")
                 with self._text_stream():
@@ -662,7 +665,7 @@ class ShardScorer:
 
         from concurrent.futures import ThreadPoolExecutor
 
-        overlap = self.overlap_text or self.text_workers
+        overlap = self.overlap_text or text_workers
         text_thread = ThreadPoolExecutor(depth, thread_name_prefix="text") if overlap else None
         # the batch being captioned on its own thread while this one reads and prepares the next
         cap_thread = ThreadPoolExecutor(1, thread_name_prefix="caption") if self.overlap_captioning else None

@@ -230,6 +230,22 @@ def test_overwrite_replaces_a_store_made_with_other_settings(toy_pool, store, tm
     assert all(len(r["captions"]) == 2 for r in read(copy))
 
 
+def test_a_daemon_process_keeps_the_text_half_to_itself(toy_pool, store, tmp_path, monkeypatch):
+    """A daemon process may not start processes: with text processes asked for, the text half
+    runs on its threads instead, and the rows are the same."""
+    import multiprocessing
+
+    scorer = ShardScorer(label_config())
+    scorer.text_workers = 2
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), label_config(), progress=False, scorer=scorer)
+    assert scorer._text_pool is None
+    ours, theirs = sorted(store.glob("*.parquet")), sorted((tmp_path / "d").glob("*.parquet"))
+    assert len(ours) == len(theirs) > 0
+    for x, y in zip(ours, theirs):
+        assert pq.read_table(x).equals(pq.read_table(y))
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["in line", "captioning thread"])
 def test_gpu_out_of_memory_says_which_flag_fixes_it(toy_pool, tmp_path, monkeypatch, overlap):
     """A GPU that runs out of memory fails each shard with one line naming the batch and the flag
