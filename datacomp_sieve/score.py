@@ -548,6 +548,7 @@ class ShardScorer:
             self._ring = None
 
     def score(self, shard, progress=None) -> ShardResult:
+        import contextlib
         import multiprocessing
         from collections import deque
 
@@ -617,7 +618,9 @@ class ShardScorer:
 
         def caption(stacked):
             t = time.time()
-            captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
+            # the scorer's GPU as this thread's current device (CUDA graphs capture on a stream of it)
+            with torch.cuda.device(cfg.device) if self.on_gpu else contextlib.nullcontext():
+                captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t  # only this function's thread writes this key
             return captions
 
