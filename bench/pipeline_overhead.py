@@ -36,7 +36,7 @@ if ROOT not in sys.path:
 
 
 class _ConstantText:
-    description = "constant vectors"
+    description, source = "constant vectors", None
     splits, batch_size = True, 256  # text processes (--text_workers) tokenise with the real encoder
 
     def encode(self, texts):

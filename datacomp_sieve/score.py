@@ -516,7 +516,8 @@ class ShardScorer:
             # without the model, a process only tokenises: its copy stays on the CPU
             device, precision = (cfg.device, self.text_precision) if self._text_model_there() else ("cpu", "fp32")
             # the folder this process loaded (resolved once, said once in the log), else the name
-            source = self.text.source if os.path.isdir(str(self.text.source)) else cfg.text_encoder
+            source = getattr(self.text, "source", None)
+            source = source if source and os.path.isdir(str(source)) else cfg.text_encoder
             self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker, initargs=(
                 source, device, precision, cfg.masking, self.text.batch_size))
         return self._text_pool

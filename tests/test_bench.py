@@ -52,6 +52,10 @@ def test_score_speed_reports_a_failing_sweep_item_and_goes_on(tmp_path):
     ("gil_cost.py", ["--rounds", "1"], r"tiny BLIP sampling, 1 calls .* in a process [\d.]+ s \([\d.]+x\)"),
     ("pipeline_overhead.py", ["--images", "64", "--batch_size", "16"],
      r"main thread CPU [\d.]+ s = [\d.]+ ms/image: .* [\d.]+ ms/image"),
+    # as on a GPU: a text process, each batch captioned on a thread of its own, a stand-in device
+    ("pipeline_overhead.py", ["--images", "64", "--batch_size", "16", "--text_workers", "1", "--device_ms", "20",
+                              "--overlap_captioning", "1"],
+     r"main thread CPU [\d.]+ s = [\d.]+ ms/image: .* [\d.]+ ms/image"),
 ])
 def test_host_cost_scripts(script, args, last):
     assert re.fullmatch(last, _run(script, *args).strip().splitlines()[-1])
