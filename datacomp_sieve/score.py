@@ -329,7 +329,7 @@ class ShardScorer:
         #: The text half's host work (masking, tokenising) in this many processes of their own
         #: (0: in this process; on GPUs ``gpu_processes``). On a thread it would hold this
         #: process's GIL for about 0.9 ms per image (bench/text_host_cost.py), more than 2,500
-        #: images/s leave for everything; split, this process keeps about a third of it.
+        #: images/s leave for everything; split, this process keeps less than half of it.
         self.text_workers = text_workers
         #: With text processes: False (default), they mask and tokenise, and the text encoder
         #: runs here on its own CUDA stream (one CUDA context); True, each runs its own copy of
