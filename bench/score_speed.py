@@ -359,6 +359,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def parse_sweep(text: str) -> list:
+    """``--sweep`` items: [((batch[, decoding processes[, text processes]]), flags), ...]; a
+    ValueError for anything else (see ``--help``)."""
+    sweep = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        numbers = item.rstrip("gcms")
+        sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
+    return sweep
+
+
 def _time_stages(device, times=None, **methods) -> dict:
     """Time methods of objects in place: ``key=(obj, "method")``; with a ``device``, it is
     synchronised around each call (a negligible cost per batch; None for methods that return host
@@ -477,10 +487,7 @@ def main(argv=None) -> int:
     if args.reference_images is not None and not 1 <= args.reference_images <= args.images:
         p.error("--reference_images must be between 1 and --images")
     try:
-        sweep = []
-        for item in filter(None, (i.strip() for i in args.sweep.split(","))):
-            numbers = item.rstrip("gcms")
-            sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
+        sweep = parse_sweep(args.sweep)
     except ValueError:
         p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s] items, got {args.sweep!r}")
 

@@ -72,3 +72,22 @@ def test_gpu_check_runs_what_a_cpu_can(capsys):
     out = capsys.readouterr().out
     assert out.count("EQUAL to transformers") == 4 and "EQUAL to Pillow's" in out
     assert "embedded here EQUAL to encode: True" in out
+
+
+def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
+    """bench/gpu_round.sh, with a stand-in for python that prints its arguments: every step runs
+    and keeps its output, and every --sweep it gives is one score_speed.py accepts."""
+    from bench.score_speed import parse_sweep
+
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_round.sh"), str(tmp_path / "out"), "512"],
+                         env={**os.environ, "PYTHON": "echo"}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert re.findall(r"^== (\w+): exit 0$", out.stdout, re.M) == ["gpu_check", "score_speed", "sep_bias"]
+    sweeps = re.findall(r"--sweep (\S+)", out.stdout)
+    assert len(sweeps) == 4  # two steps, each line printed by the script and by the stand-in
+    for text in sweeps:
+        items = parse_sweep(text)
+        assert items and all(set(flags) <= set("gcms") and 1 <= len(n) <= 3 for n, flags in items)
+    assert (tmp_path / "out" / "score_speed.txt").read_text().startswith("bench/score_speed.py --device cuda")
+    with pytest.raises(ValueError):
+        parse_sweep("256x12x3q")
