@@ -427,6 +427,8 @@ class ShardScorer:
     def _submit(self, chunk, ahead: int):
         """(future, slots) of a chunk sent to the decoding processes; ``ahead``: how many samples
         may be in flight (the crop ring holds them, a batch being filled and a chunk more)."""
+        from concurrent.futures.process import BrokenProcessPool
+
         images = [s.image for s in chunk if s.status == "ok"]
         if not images:
             return None, None
@@ -440,7 +442,10 @@ class ShardScorer:
                                               least=2 * _CHUNK)
         slots = self._ring.take(len(images)) if self._ring is not None else None
         ring = (self._ring.shm.name, self._ring.shape, slots, self._whole) if slots is not None else None
-        return self._pool.submit(_decode_chunk, images, transform, self.config.max_image_pixels, ring), slots
+        try:
+            return self._pool.submit(_decode_chunk, images, transform, self.config.max_image_pixels, ring), slots
+        except BrokenProcessPool:  # a decoding process died since the last chunk
+            raise self._broken("an image-decoding") from None
 
     def _resize_here(self, transform) -> bool:
         """Whether to resize and crop on the model's device (``resize_on_device``)."""
@@ -526,17 +531,29 @@ class ShardScorer:
         """Whether the text processes run the text encoder too (see ``text_model_in_workers``)."""
         return self.text_model_in_workers or not self.text.splits
 
-    def _result(self, future, what: str):
-        """A process pool task's result; when a worker process died, the pools are stopped (started
-        again for the next shard) and the shard fails with a one-line error."""
+    def _result(self, future, what: str, text: bool = False):
+        """A process pool task's result (``future``: a future, or a function that submits the
+        task and returns its future); when a worker process died, its pools are stopped (started
+        again for the next shard) and the shard fails with a one-line error. ``text``: a text
+        process's task, waited for on a text thread; only the text processes are stopped then
+        (the scoring thread may be using the decoding processes and their shared memory)."""
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            return future.result()
+            return (future() if callable(future) else future).result()
         except BrokenProcessPool:
+            raise self._broken(what, text) from None
+
+    def _broken(self, what: str, text: bool = False) -> RuntimeError:
+        """Stop the pools a dead worker process broke (see ``_result``); the error to raise."""
+        if text:
+            pool, self._text_pool = self._text_pool, None
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        else:
             self.close()
-            raise RuntimeError(f"{what} process died (a crash in a library?); the shard is not written, "
-                               "rerun to retry it") from None
+        return RuntimeError(f"{what} process died (a crash in a library?); the shard is not written, "
+                            "rerun to retry it")
 
     def close(self) -> None:
         """Stop the decoding and text processes (started again when needed)."""
@@ -580,11 +597,11 @@ class ShardScorer:
             t = time.time()
             caps = captions()
             if text_workers and self._text_model_there():
-                best, mean, which = self._result(self._text_processes().submit(_score_texts, list(texts), caps),
-                                                 "a text")
+                best, mean, which = self._result(
+                    lambda: self._text_processes().submit(_score_texts, list(texts), caps), "a text", text=True)
             elif text_workers:
                 (batches, order), masked = self._result(
-                    self._text_processes().submit(_text_features, list(texts), caps), "a text")
+                    lambda: self._text_processes().submit(_text_features, list(texts), caps), "a text", text=True)
                 with self._text_stream():
                     emb = self.text.embed(batches, order)
                 best, mean, which = scores_of(emb, masked)

@@ -246,6 +246,39 @@ def test_a_daemon_process_keeps_the_text_half_to_itself(toy_pool, store, tmp_pat
         assert pq.read_table(x).equals(pq.read_table(y))
 
 
+@pytest.mark.parametrize("which", ["_text_pool", "_pool"])
+def test_a_dead_worker_process_fails_one_shard_and_the_rerun_completes(toy_pool, store, tmp_path, which):
+    """A text or image-decoding process killed between shards: the next shard fails with one
+    line, its pool starts again for the shards after it, and a rerun fills the gap; the store is
+    the in-line one."""
+    import shutil
+
+    from datacomp_sieve.score import ShardsFailed
+
+    scorer = ShardScorer(label_config())
+    scorer.decode_workers, scorer.text_workers, scorer.overlap_text = 1, 1, True
+    out = str(tmp_path / "s")
+    score_pool(str(toy_pool / "shards"), out, label_config(), progress=False, scorer=scorer)
+    shutil.rmtree(out)
+    for proc in list(getattr(scorer, which)._processes.values()):
+        proc.kill()
+        proc.join()
+    with pytest.raises(ShardsFailed) as err:
+        score_pool(str(toy_pool / "shards"), out, label_config(), progress=False, scorer=scorer)
+    what = "a text" if which == "_text_pool" else "an image-decoding"
+    failed = err.value.manifest["failed"]
+    assert list(failed.values()) == [f"RuntimeError: {what} process died (a crash in a library?); the shard is "
+                                     "not written, rerun to retry it"]
+    assert err.value.manifest["rows"] > 0  # the shards after it were scored
+    assert which == "_pool" or scorer._pool is not None  # a dead text process leaves the decoding ones alone
+    score_pool(str(toy_pool / "shards"), out, label_config(), progress=False, scorer=scorer)
+    scorer.close()
+    ours, theirs = sorted(store.glob("*.parquet")), sorted((tmp_path / "s").glob("*.parquet"))
+    assert len(ours) == len(theirs) > 1
+    for x, y in zip(ours, theirs):
+        assert pq.read_table(x).equals(pq.read_table(y))
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["in line", "captioning thread"])
 def test_gpu_out_of_memory_says_which_flag_fixes_it(toy_pool, tmp_path, monkeypatch, overlap):
     """A GPU that runs out of memory fails each shard with one line naming the batch and the flag
