@@ -211,13 +211,15 @@ class ProcessEngine:
     def _spawn(self, device):
         import multiprocessing as mp
 
+        from .score import usable_cpus
+
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA
         parent, child = ctx.Pipe()
         # not a daemon: a worker starts image-decoding processes of its own (daemons may not have
         # children); it ends when the driver says so or its pipe closes, and close() joins it
         p = ctx.Process(target=_process_worker, daemon=False, name=f"sieve-worker-{device}",
                         args=(child, device, asdict(self.cfg), self.factory, self.cfg.device.startswith("cuda"),
-                              max(1, (os.cpu_count() or 1) // len(self.devices))))
+                              max(1, usable_cpus() // len(self.devices))))
         p.start()
         child.close()
         self.workers[device] = (p, parent)

@@ -244,6 +244,15 @@ class _CropRing:
         self.shm.close()
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity: what a SLURM or container allocation
+    gives it), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def gpu_processes(cpus: int) -> tuple[int, int]:
     """(text processes, image-decoding processes) for a GPU with ``cpus`` cores: about one text
     process per five cores (at most 3: each masks and tokenises over 2,000 images/s), and the
@@ -317,8 +326,8 @@ class ShardScorer:
         #: starve the GPU): in ``decode_workers`` processes where the captioner's transform allows
         #: (uint8 crops come back and are normalised on the GPU), else in ``decode_threads``
         #: threads. On the CPU the models want every core: 0 and 0, decoding in line.
-        text_workers, self.decode_workers = gpu_processes(os.cpu_count() or 1) if on_gpu else (0, 0)
-        self.decode_threads = min(8, os.cpu_count() or 1) if on_gpu else 0
+        text_workers, self.decode_workers = gpu_processes(usable_cpus()) if on_gpu else (0, 0)
+        self.decode_threads = min(8, usable_cpus()) if on_gpu else 0
         #: On a GPU, a batch's captions are turned into text and scored on a thread while the
         #: model captions the next batch.
         self.overlap_text = on_gpu

@@ -118,11 +118,18 @@ class DecodingScorer(ShardScorer):
         self.decode_workers, self.overlap_text = 2, True
 
 
-def test_a_workers_processes_fit_its_share_of_the_cores():
+def test_a_workers_processes_fit_its_share_of_the_cores(monkeypatch):
     from types import SimpleNamespace
 
     from datacomp_sieve.engines import _decode_within
-    from datacomp_sieve.score import gpu_processes
+    from datacomp_sieve.score import gpu_processes, usable_cpus
+
+    # the cores this process may use (a SLURM or container allocation), not the machine's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    assert usable_cpus() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cpus() == 64
 
     # one GPU's defaults: a text process per five cores (at most 3), decoding on the rest but two
     assert [gpu_processes(c) for c in (1, 2, 8, 10, 16, 64)] == [(1, 1), (1, 1), (1, 5), (2, 6), (3, 11), (3, 32)]
