@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -356,6 +357,7 @@ class ShardScorer:
         self._ring = None
         self._decode_cpu = 0.0  # CPU seconds the decoding processes spent on this shard
         self._text_pool = None
+        self._text_lock = threading.Lock()  # the text threads start the text processes: once
         self.clip = None
         if cfg.clip_model:
             from .clip import ClipScorer
@@ -525,16 +527,18 @@ class ShardScorer:
         return torch.cuda.stream(self._stream)
 
     def _text_processes(self):
-        if self._text_pool is None:
-            cfg = self.config
-            # without the model, a process only tokenises: its copy stays on the CPU
-            device, precision = (cfg.device, self.text_precision) if self._text_model_there() else ("cpu", "fp32")
-            # the folder this process loaded (resolved once, said once in the log), else the name
-            source = getattr(self.text, "source", None)
-            source = source if source and os.path.isdir(str(source)) else cfg.text_encoder
-            self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker, initargs=(
-                source, device, precision, cfg.masking, self.text.batch_size))
-        return self._text_pool
+        """The text processes' pool, started by the first text thread that asks."""
+        with self._text_lock:
+            if self._text_pool is None:
+                cfg = self.config
+                # without the model, a process only tokenises: its copy stays on the CPU
+                device, precision = (cfg.device, self.text_precision) if self._text_model_there() else ("cpu", "fp32")
+                # the folder this process loaded (resolved once, said once in the log), else the name
+                source = getattr(self.text, "source", None)
+                source = source if source and os.path.isdir(str(source)) else cfg.text_encoder
+                self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker, initargs=(
+                    source, device, precision, cfg.masking, self.text.batch_size))
+            return self._text_pool
 
     def _text_model_there(self) -> bool:
         """Whether the text processes run the text encoder too (see ``text_model_in_workers``)."""
@@ -556,7 +560,8 @@ class ShardScorer:
     def _broken(self, what: str, text: bool = False) -> RuntimeError:
         """Stop the pools a dead worker process broke (see ``_result``); the error to raise."""
         if text:
-            pool, self._text_pool = self._text_pool, None
+            with self._text_lock:
+                pool, self._text_pool = self._text_pool, None
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         else:
