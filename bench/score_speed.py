@@ -682,6 +682,7 @@ def main(argv=None) -> int:
         print()
         default_workers, default_text = scorer.decode_workers, scorer.text_workers
         default_overlap = scorer.overlap_captioning
+        rates = []  # (img/s, sweep item) of the items that ran
         sampler = getattr(scorer.captioner, "sampler", None)
         for item, flags in sweep:
             graphs = "g" in flags
@@ -711,11 +712,15 @@ def main(argv=None) -> int:
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                       + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
+                rates.append((s_rate, "x".join(map(str, item)) + flags))
             except Exception:  # noqa: BLE001 - one setting failing should not lose the others' figures
                 traceback.print_exc()
                 print(f"sweep: {'x'.join(map(str, item))}{flags}: FAILED with an exception")
                 scorer.close()
         scorer.close()
+        if rates:
+            best = max(rates)
+            print(f"sweep: fastest {best[1]} at {best[0]:.2f} img/s, against {fast_rate:.2f} img/s at the defaults")
         scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = default_workers, default_text, None
         scorer.text_model_in_workers, scorer.overlap_captioning = False, default_overlap
         if sampler is not None:

@@ -28,7 +28,11 @@ def test_score_speed_with_a_sweep(tmp_path):
     ends = re.search(r"new tokens per caption, \[SEP\] included: ([\d.]+) on average", out)
     assert ends and float(ends.group(1)) < 16  # --sep_bias: captions end before max_length
     assert re.fullmatch(r"fast [\d.]+ img/s, reference [\d.]+ img/s, ratio [\d.]+", lines[-1])
-    sweep = [ln for ln in lines if ln.startswith("sweep:")]
+    sweep = [ln for ln in lines if ln.startswith("sweep: batch")]
+    fastest = re.search(r"^sweep: fastest (4g|4c|4x0x1|4x0x1ms) at [\d.]+ img/s, against [\d.]+ img/s at the defaults$",
+                        out, re.M)
+    assert fastest and float(re.search(r"at ([\d.]+) img/s", fastest.group(0)).group(1)) == max(
+        float(re.search(r"fast ([\d.]+) img/s", ln).group(1)) for ln in sweep)
     assert len(sweep) == 4 and "CUDA graphs True" in sweep[0] and "CUDA graphs False" in sweep[1]
     # a text process that tokenises (the forward runs in this process, timed), one with the encoder
     assert "text workers 1, " in sweep[2] and "text: MiniLM forward" in sweep[2]
