@@ -141,10 +141,12 @@ class InProcessEngine:
 # -- one process per device --------------------------------------------------------------------
 def _decode_within(scorer, cpus: int) -> None:
     """A worker's text and image-decoding processes fit its share of the cores (one left for the
-    worker): at most a text process per five cores, the decoding processes on the rest."""
+    worker): at most ``score.text_share`` text processes, the decoding processes on the rest."""
+    from .score import text_share
+
     text = getattr(scorer, "text_workers", 0)
     if text:
-        scorer.text_workers = text = min(text, max(1, cpus // 5))
+        scorer.text_workers = text = min(text, text_share(cpus))
     if getattr(scorer, "decode_workers", 0):
         scorer.decode_workers = min(scorer.decode_workers, max(1, cpus - 1 - text))
 

@@ -254,11 +254,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def text_share(cpus: int) -> int:
+    """The most text processes ``cpus`` cores get: one per five cores, at least one."""
+    return max(1, cpus // 5)
+
+
 def gpu_processes(cpus: int) -> tuple[int, int]:
-    """(text processes, image-decoding processes) for a GPU with ``cpus`` cores: about one text
-    process per five cores (at most 3: each masks and tokenises over 2,000 images/s), and the
-    decoding processes on the rest but two (this process's threads), at most 32."""
-    text = min(3, max(1, cpus // 5))
+    """(text processes, image-decoding processes) for a GPU with ``cpus`` cores: ``text_share``
+    text processes, at most 3 (each masks and tokenises over 2,000 images/s), and the decoding
+    processes on the rest but two (this process's threads), at most 32."""
+    text = min(3, text_share(cpus))
     return text, max(1, min(32, cpus - 2 - text))
 
 
@@ -327,8 +332,9 @@ class ShardScorer:
         #: starve the GPU): in ``decode_workers`` processes where the captioner's transform allows
         #: (uint8 crops come back and are normalised on the GPU), else in ``decode_threads``
         #: threads. On the CPU the models want every core: 0 and 0, decoding in line.
-        text_workers, self.decode_workers = gpu_processes(usable_cpus()) if on_gpu else (0, 0)
-        self.decode_threads = min(8, usable_cpus()) if on_gpu else 0
+        cpus = usable_cpus()
+        text_workers, self.decode_workers = gpu_processes(cpus) if on_gpu else (0, 0)
+        self.decode_threads = min(8, cpus) if on_gpu else 0
         #: On a GPU, a batch's captions are turned into text and scored on a thread while the
         #: model captions the next batch.
         self.overlap_text = on_gpu
