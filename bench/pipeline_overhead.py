@@ -49,7 +49,7 @@ class _ConstantText:
 
 
 def _fixed_captions(pixels, num_captions, generator=None, seed=None, device_s=0.0):
-    for _ in range(20):  # a sampling loop's per-step waits on a device, the GIL released
+    for _ in range(20 if device_s else 0):  # a sampling loop's per-step waits on a device, the GIL released
         time.sleep(device_s / 20)
     n = pixels.shape[0]
     return lambda: [["a cat sitting on a wooden table"] * num_captions for _ in range(n)]
