@@ -260,8 +260,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus_per_worker", type=float, default=1, help="GPUs per Ray worker (default 1)")
     p.add_argument("--cpus_per_worker", type=float, default=1,
                    help="CPUs per Ray worker (default 1; on a cluster without GPUs, workers = CPUs / this). A GPU "
-                        "worker decodes images in this many processes less one: give GPU workers most of a node's "
-                        "cores per GPU, e.g. 12 on a 16-core node per GPU")
+                        "worker runs its image-decoding and text processes on these cores but one (a fifth of them, at "
+                        "most 3, for text): give GPU workers most of a node's cores per GPU, e.g. 12 on a 16-core "
+                        "node per GPU")
     p.add_argument("--max_retries", type=int, default=3,
                    help="retries of a shard whose worker died or that raised (default 3); a shard that fails "
                         "every try is reported and the others are completed")
