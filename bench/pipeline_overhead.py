@@ -3,7 +3,7 @@ tar shards, handing images to the decoding processes and taking the crops back, 
 masking, filling the table.
 
     python bench/pipeline_overhead.py [--images 2048] [--decode_workers 1] [--pipes] [--resize_on_device]
-        [--text_workers N] [--device_ms MS --overlap_captioning 0|1]
+        [--read_images_here] [--text_workers N] [--device_ms MS --overlap_captioning 0|1]
 
 The captioner returns a fixed caption list and the text encoder constant vectors, so the models
 cost nothing; images are decoded in processes as on a GPU. Prints the main thread's CPU time per
@@ -11,7 +11,9 @@ image (``time.thread_time``), the ceiling this engine's bookkeeping puts on imag
 whatever the GPU, the CPU time of the whole process (its other threads share the GIL), the time
 reading the tar shard alone takes, and the wall time (on a machine with few cores, the decoding
 processes set it). ``--pipes``: the crops come back pickled through the pipes instead of through
-shared memory (``score._CropRing``), for comparison. ``--text_workers N``: masking and
+shared memory (``score._CropRing``), for comparison. ``--read_images_here``: this process reads
+the images' bytes and pickles them to the decoding processes, instead of sending their offsets in
+the tar (``shards.ImageExtent``), for comparison. ``--text_workers N``: masking and
 tokenising go to N text processes as on a GPU, and what this process spends on the text half
 (handing captions over, taking tokens back, the cosines) is counted in its figures.
 ``--device_ms MS``: the captioner stands in for a device busy MS ms per batch (it waits with the
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--pipes", action="store_true",
                    help="crops come back through the pipes, not shared memory (for comparison)")
+    p.add_argument("--read_images_here", action="store_true",
+                   help="this process reads the images' bytes and sends them to the decoding processes, instead "
+                        "of their offsets in the tar (for comparison)")
     p.add_argument("--image_size", type=int, default=224,
                    help="crop size of the preprocessing (224: the reference BLIP's; the captioner is a stand-in)")
     p.add_argument("--text_workers", type=int, default=0,
@@ -94,6 +99,7 @@ def main(argv=None) -> int:
         scorer.overlap_captioning = bool(args.overlap_captioning)
     scorer.decode_workers = args.decode_workers
     scorer.shared_memory = not args.pipes
+    scorer.image_extents = not args.read_images_here
     scorer.resize_on_device = args.resize_on_device
     scorer.text_workers = args.text_workers
     try:

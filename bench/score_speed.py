@@ -109,9 +109,11 @@ def _jpeg(source: str, max_side: int = 512) -> tuple[bytes, int, int, int, int]:
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member as img2dataset's tars have it (webdataset's writer): a float mtime, so in
+    tarfile's pax format a pax header that sets the time comes before it."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mtime = 0
+    info.mtime = 1795806804.25
     tar.addfile(info, io.BytesIO(data))
 
 
@@ -122,7 +124,7 @@ def build_shards(out_dir: str, n: int, per_shard: int, tag: str = "bench") -> in
     n_shards = 0
     for s, start in enumerate(range(0, n, per_shard)):
         stop = min(n, start + per_shard)
-        with tarfile.open(os.path.join(out_dir, f"{s:08d}.tar"), "w") as tar:
+        with tarfile.open(os.path.join(out_dir, f"{s:08d}.tar"), "w", format=tarfile.PAX_FORMAT) as tar:
             for i in range(start, stop):
                 source, text = PHOTOS[i % len(PHOTOS)]
                 if source not in encoded:

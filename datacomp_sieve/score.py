@@ -99,10 +99,13 @@ def _chunks(items, n: int):
         yield chunk
 
 
-def _decode(data: bytes, max_pixels):
-    """(status, error, RGB PIL image or None) of one encoded image."""
-    from .shards import ImageError, decode_image
+def _decode(data, max_pixels):
+    """(status, error, RGB PIL image or None) of one encoded image (bytes, or a ``shards.ImageExtent``
+    to read them from)."""
+    from .shards import ImageError, ImageExtent, decode_image
 
+    if isinstance(data, ImageExtent):
+        data = data.read()
     try:
         return "ok", None, decode_image(data, max_pixels=max_pixels)
     except ImageError as e:
@@ -351,6 +354,10 @@ class ShardScorer:
         #: runs here on its own CUDA stream (one CUDA context); True, each runs its own copy of
         #: the encoder on the device as well. Either way the scores are the same.
         self.text_model_in_workers = False
+        #: the decoding processes read the images' bytes from the tar themselves where it is a
+        #: local, uncompressed file (``shards.ImageExtent``): this process reads only the headers,
+        #: alt-texts and json, and sends offsets, not images, through the pipes
+        self.image_extents = True
         #: crops from the decoding processes come back through shared memory (``_CropRing``)
         self.shared_memory = True
         #: with shared memory, the decoding processes send whole decoded images (up to
@@ -715,7 +722,8 @@ class ShardScorer:
         self._decode_cpu = 0.0
         if self._ring is not None:
             self._ring.reset()  # nothing of an earlier shard is in flight (``_prepared`` waits)
-        prepared = self._prepared(iter_samples(shard))
+        # decoding processes read the images' bytes from a local tar themselves
+        prepared = self._prepared(iter_samples(shard, extents=self.image_extents and self._in_processes()))
         try:
             t = time.time()
             for sample, status, error, image, pixels in prepared:

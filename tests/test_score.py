@@ -180,7 +180,7 @@ def test_sieve_clip_computes_clip_when_the_metadata_lacks_it(toy_pool_noclip, tm
     assert len(np.load(tmp_path / "o.npy")) > 0
 
 
-def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
+def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path, monkeypatch):
     cfg = ScoreConfig(captioner="tiny", device="cpu", num_captions=3, batch_size=16)
     a = score_pool(str(toy_pool / "shards"), str(tmp_path / "a"), cfg, progress=False)
     score_pool(str(toy_pool / "shards"), str(tmp_path / "b"), cfg, progress=False)
@@ -198,6 +198,16 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     threaded = ShardScorer(cfg)
     threaded.decode_threads = 3
     score_pool(str(toy_pool / "shards"), str(tmp_path / "d"), cfg, progress=False, scorer=threaded)
+    from datacomp_sieve import shards as shards_mod
+
+    extents, iter_samples = [], shards_mod.iter_samples
+
+    def spied(shard, **kw):  # whether each image went to the decoding processes as an offset in the tar
+        for sample in iter_samples(shard, **kw):
+            extents.append(isinstance(sample.image, shards_mod.ImageExtent))
+            yield sample
+
+    monkeypatch.setattr(shards_mod, "iter_samples", spied)
     in_processes = ShardScorer(cfg)
     in_processes.decode_workers, in_processes.overlap_text, in_processes.text_workers = 2, True, 2
     in_processes.overlap_captioning = True  # batches captioned on a thread while the next is read
@@ -205,11 +215,15 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path):
     score_pool(str(toy_pool / "shards"), str(tmp_path / "p"), cfg, progress=False, scorer=in_processes)
     assert in_processes._pool is not None  # a scorer handed in keeps its processes for the next run
     in_processes.close()
-    # the text processes running their own copy of the text encoder as well
-    in_processes.text_model_in_workers = True
+    assert len(extents) == a["rows"] and all(extents)  # the processes read the images from the tars
+    # the text processes running their own copy of the text encoder as well; this process
+    # reading the images and sending their bytes
+    in_processes.text_model_in_workers, in_processes.image_extents = True, False
     assert in_processes._text_model_there()
+    extents.clear()
     score_pool(str(toy_pool / "shards"), str(tmp_path / "m"), cfg, progress=False, scorer=in_processes)
     in_processes.close()
+    assert len(extents) == a["rows"] and not any(extents)
     for other in ("d", "p", "m"):
         for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / other).glob("*.parquet"))):
             assert pq.read_table(x).equals(pq.read_table(y))

@@ -341,15 +341,21 @@ def test_plain_reader_and_tarfile_read_the_same(tmp_path, monkeypatch):
     plain_file = shards_mod._plain_file
     plain = []
 
-    def counted(header):
-        out = plain_file(header)
+    def counted(header, types=b"0\0"):
+        out = plain_file(header, types)
         plain.append(out is not None)
         return out
 
-    def read(folder, fast: bool):
-        monkeypatch.setattr(shards_mod, "_plain_file", counted if fast else (lambda header: None))
+    extents = []  # how many images came as extents, per read with extents=True
+
+    def read(folder, fast: bool, skip_images: bool = False):
+        monkeypatch.setattr(shards_mod, "_plain_file", counted if fast else (lambda header, types=None: None))
         [shard] = list_shards(str(folder))
-        got = list(iter_samples(shard))
+        got = list(iter_samples(shard, extents=skip_images))
+        if skip_images:  # the decoding processes' view: each extent read from the tar
+            extents.append(sum(isinstance(s.image, shards_mod.ImageExtent) for s in got))
+            got = [dataclasses.replace(s, image=s.image.read()) if isinstance(s.image, shards_mod.ImageExtent)
+                   else s for s in got]
         return got, dataclasses.asdict(shard.report)
 
     buf = io.BytesIO()
@@ -374,16 +380,75 @@ def test_plain_reader_and_tarfile_read_the_same(tmp_path, monkeypatch):
     for cut in cuts:
         folder = tmp_path / f"cut{cut}"
         write_shard(folder, 0, full[:cut])
-        assert read(folder, True) == read(folder, False), cut
+        assert read(folder, True) == read(folder, False) == read(folder, True, skip_images=True), cut
+    # the images of the first two samples (tarfile reads from the first pax header on), fewer in cut tars
+    assert extents[-1] == 2 and set(extents) == {0, 1, 2}
     got, report = read(tmp_path / f"cut{len(full)}", True)
     assert [s.status for s in got] == ["ok", "ok", "no_uid", "ok", "ok", "ok", "no_image", "ok"]
     assert report["stray_examples"] == ["folder"] and report["members"] == 21 and not report["truncated"]
     write_shard(tmp_path / "gz", 0, gzip.compress(full))
     assert read(tmp_path / "gz", True) == read(tmp_path / f"cut{len(full)}", False)
+    assert read(tmp_path / "gz", True, skip_images=True) == read(tmp_path / "gz", True) and extents[-1] == 0
     plain.clear()
     write_shard(tmp_path / "plain", 0, tar_bytes([sample(i) for i in range(4)]))
     got, report = read(tmp_path / "plain", True)
     assert len(got) == 4 and not report["truncated"] and plain.count(True) == 12
+    assert read(tmp_path / "plain", True, skip_images=True) == (got, report) and extents[-1] == 4
+
+
+def test_pax_time_headers_of_img2dataset_tars_are_read_plain(tmp_path, monkeypatch):
+    """img2dataset's tars (webdataset's writer: tarfile's pax format, a float mtime) have a pax
+    header setting only the time before every member: the plain reader takes those too, and
+    gives what tarfile gives, cut anywhere, with and without image extents; a pax header that
+    sets anything else (a path, a malformed record) goes to tarfile from there."""
+    import dataclasses
+
+    from datacomp_sieve import shards as shards_mod
+
+    plain_file, taken = shards_mod._plain_file, []
+
+    def counted(header, types=b"0\0"):
+        out = plain_file(header, types)
+        taken.append(out is not None and types == b"0\0")
+        return out
+
+    def read(folder, fast: bool, skip_images: bool = False):
+        taken.clear()
+        monkeypatch.setattr(shards_mod, "_plain_file", counted if fast else (lambda header, types=None: None))
+        [shard] = list_shards(str(folder))
+        got = [dataclasses.replace(s, image=s.image.read()) if isinstance(s.image, shards_mod.ImageExtent) else s
+               for s in iter_samples(shard, extents=skip_images)]
+        return got, dataclasses.asdict(shard.report)
+
+    def pax_tar(extra=None):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for i in range(4):
+                for ext, data in sorted(sample(i)[1].items()):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size, info.mtime = len(data), 1795806804.4445288 + i
+                    if extra is not None and i == 2 and ext == "json":
+                        info.pax_headers = extra
+                    tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    full = pax_tar()
+    assert full.count(b"mtime=") == 12  # a pax header before each member
+    for cut in sorted(set(range(0, len(full) + 1, 173)) | set(range(0, len(full) + 1, 512)) | {len(full)}):
+        folder = tmp_path / f"cut{cut}"
+        write_shard(folder, 0, full[:cut])
+        assert read(folder, True) == read(folder, False) == read(folder, True, skip_images=True), cut
+    got, report = read(tmp_path / f"cut{len(full)}", True)
+    assert [s.status for s in got] == ["ok"] * 4 and report["members"] == 12 and taken.count(True) == 12
+    # a pax header that sets more than times: tarfile reads from there on, with the same result
+    for extra, status in (({"comment": "x"}, "ok"), ({"path": "000000002.txt"}, "no_uid")):
+        write_shard(tmp_path / "more", 0, pax_tar(extra))
+        got, report = read(tmp_path / "more", True)
+        assert taken.count(True) == 7  # the members before that header (3 per sample)
+        assert (got, report) == read(tmp_path / "more", False)
+        assert [s.status for s in got] == ["ok", "ok", status, "ok"]
+    assert not shards_mod._times_only(b"29 mtime=1795806804.4445288\n")  # wrong length
+    assert not shards_mod._times_only(b"") and shards_mod._times_only(b"12 atime=-1\n14 ctime=1.25\n")
 
 
 # ------------------------------------------------------------------------------------ listing
