@@ -19,6 +19,7 @@ elsewhere), both returning ``list[list[str]]``: r captions per image, images in 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -305,6 +306,11 @@ def build_blip_tokenizer(vocab_path: str | None = None):
     return tok
 
 
+def per_image(texts: list, r: int) -> list[list[str]]:
+    """Flat captions, r consecutive per image -> one list per image."""
+    return [texts[i:i + r] for i in range(0, len(texts), r)]
+
+
 def decode_captions(tokenizer, ids, prompt: str) -> list[str]:
     """BLIP token rows (a tensor or lists) -> captions: special tokens skipped, tokenisation spaces
     cleaned up, the prompt's ``len(prompt)`` characters cut (as the reference)."""
@@ -385,13 +391,16 @@ class BlipCaptioner(Captioner):
         # on the CPU now (the sampling loop has synchronised anyway): the text half may run on
         # another thread while this device captions the next batch
         ids = self.generate_ids(pixel_values, r, seed=_seed_from(generator, seed)).cpu()
-        n = pixel_values.shape[0]
 
         def captions():
-            texts = self.decode(ids)
-            return [texts[i * r:(i + 1) * r] for i in range(n)]
+            return per_image(self.decode(ids), r)
 
+        captions.token_rows = (ids, r)  # for a caller that turns them into text elsewhere (``decoder``)
         return captions
+
+    def decoder(self):
+        """A picklable function, token rows -> captions (``decode``), for another process."""
+        return functools.partial(decode_captions, self.tokenizer, prompt=self.settings.prompt)
 
     def generate_ids(self, pixel_values, num_captions: int, seed: int | None = None):
         """Token ids (B*r, L), prompt included, r consecutive rows per image, [PAD] after [SEP]."""
@@ -523,7 +532,7 @@ class GitCaptioner(Captioner):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
-        return [texts[i * r:(i + 1) * r] for i in range(pixel_values.shape[0])]
+        return per_image(texts, r)
 
     def identity(self) -> dict:
         return {"name": self.name, "description": self.description, "weights": self.weights_info,

@@ -282,7 +282,8 @@ def _spawn_pool(workers: int, **kw):
 _TEXT = {}  # in a text process: its encoder and masking
 
 
-def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str, batch_size: int) -> None:
+def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str, batch_size: int,
+                       decoder=None) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -291,7 +292,7 @@ def _start_text_worker(text_encoder: str, device: str, precision: str, masking: 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # the scoring process has shown its own loading
     _TEXT.update(encoder=TextEncoder(text_encoder, device=device, precision=precision, batch_size=batch_size),
-                 masking=masking)
+                 masking=masking, decoder=decoder)
 
 
 def _score_texts(alt_texts: list, captions: list):
@@ -301,13 +302,19 @@ def _score_texts(alt_texts: list, captions: list):
     return sieve_scores(_TEXT["encoder"], alt_texts, captions, masking=_TEXT["masking"])
 
 
-def _text_features(alt_texts: list, captions: list):
+def _text_features(alt_texts: list, captions: list | None, token_rows=None):
     """In a text process: the text half's host work, masking and tokenising; the encoder's
-    forward runs in the scoring process (``TextEncoder.embed``, then ``text.scores_of``)."""
+    forward runs in the scoring process (``TextEncoder.embed``, then ``text.scores_of``).
+    ``token_rows``: (ids, r) to turn into the captions here (the captioner's ``decoder``), which
+    then come back too."""
+    from .caption import per_image
     from .text import masked_texts
 
+    made = None
+    if token_rows is not None:
+        made = captions = per_image(_TEXT["decoder"](token_rows[0]), token_rows[1])
     alt, flat, counts, empty = masked_texts(alt_texts, captions, _TEXT["masking"])
-    return _TEXT["encoder"].features(alt + flat), (None, None, counts, empty)
+    return _TEXT["encoder"].features(alt + flat), (None, None, counts, empty), made
 
 
 @dataclass
@@ -358,6 +365,9 @@ class ShardScorer:
         #: local, uncompressed file (``shards.ImageExtent``): this process reads only the headers,
         #: alt-texts and json, and sends offsets, not images, through the pipes
         self.image_extents = True
+        #: with text processes that only tokenise, they also turn the captioner's token rows into
+        #: captions (``BlipCaptioner.decoder``), which come back with the tokens
+        self.decode_in_text_workers = True
         #: crops from the decoding processes come back through shared memory (``_CropRing``)
         self.shared_memory = True
         #: with shared memory, the decoding processes send whole decoded images (up to
@@ -370,6 +380,7 @@ class ShardScorer:
         self._ring = None
         self._decode_cpu = 0.0  # CPU seconds the decoding processes spent on this shard
         self._text_pool = None
+        self._decoding_there = False  # whether the text processes turn token rows into captions
         self._text_lock = threading.Lock()  # the text threads start the text processes: once
         self.clip = None
         if cfg.clip_model:
@@ -549,9 +560,18 @@ class ShardScorer:
                 # the folder this process loaded (resolved once, said once in the log), else the name
                 source = getattr(self.text, "source", None)
                 source = source if source and os.path.isdir(str(source)) else cfg.text_encoder
+                decoder = self._decoder()
+                self._decoding_there = decoder is not None
                 self._text_pool = _spawn_pool(self.text_workers, initializer=_start_text_worker, initargs=(
-                    source, device, precision, cfg.masking, self.text.batch_size))
+                    source, device, precision, cfg.masking, self.text.batch_size, decoder))
             return self._text_pool
+
+    def _decoder(self):
+        """The captioner's token rows -> captions function for the text processes (where they only
+        tokenise and the captioner has one), else None: captions are decoded here."""
+        decoder = getattr(self.captioner, "decoder", None)
+        return decoder() if decoder is not None and self.decode_in_text_workers and not self._text_model_there() \
+            else None
 
     def _text_model_there(self) -> bool:
         """Whether the text processes run the text encoder too (see ``text_model_in_workers``)."""
@@ -622,13 +642,19 @@ class ShardScorer:
 
         def text_half(idx, images, texts, captions):
             t = time.time()
-            caps = captions()
-            if text_workers and self._text_model_there():
+            pool = self._text_processes() if text_workers else None
+            # text processes that only tokenise turn the token rows into captions too
+            rows = getattr(captions, "token_rows", None) if pool is not None and self._decoding_there else None
+            caps = captions() if rows is None else None
+            if pool is not None and self._text_model_there():
                 best, mean, which = self._result(
-                    lambda: self._text_processes().submit(_score_texts, list(texts), caps), "a text", text=True)
-            elif text_workers:
-                (batches, order), masked = self._result(
-                    lambda: self._text_processes().submit(_text_features, list(texts), caps), "a text", text=True)
+                    lambda: pool.submit(_score_texts, list(texts), caps), "a text", text=True)
+            elif pool is not None:
+                if rows is not None:
+                    rows = (rows[0].numpy().astype(np.int32), rows[1])
+                (batches, order), masked, made = self._result(
+                    lambda: pool.submit(_text_features, list(texts), caps, rows), "a text", text=True)
+                caps = made if rows is not None else caps
                 with self._text_stream():
                     emb = self.text.embed(batches, order)
                 best, mean, which = scores_of(emb, masked)

@@ -216,6 +216,7 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path, monke
     assert in_processes._pool is not None  # a scorer handed in keeps its processes for the next run
     in_processes.close()
     assert len(extents) == a["rows"] and all(extents)  # the processes read the images from the tars
+    assert in_processes._decoding_there  # and the text processes turned token rows into captions
     # the text processes running their own copy of the text encoder as well; this process
     # reading the images and sending their bytes
     in_processes.text_model_in_workers, in_processes.image_extents = True, False
@@ -223,7 +224,7 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path, monke
     extents.clear()
     score_pool(str(toy_pool / "shards"), str(tmp_path / "m"), cfg, progress=False, scorer=in_processes)
     in_processes.close()
-    assert len(extents) == a["rows"] and not any(extents)
+    assert len(extents) == a["rows"] and not any(extents) and not in_processes._decoding_there
     for other in ("d", "p", "m"):
         for x, y in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / other).glob("*.parquet"))):
             assert pq.read_table(x).equals(pq.read_table(y))
