@@ -64,16 +64,20 @@ def axis_weights(in_size: int, out_size: int, start: int, count: int) -> tuple[n
 
 
 def _matrices(axes, length: int, device):
-    """Dense (B, count, length) float64 matrices from ``axis_weights`` results."""
+    """Dense (B, count, length) float64 matrices from ``axis_weights`` results, built on
+    ``device``: only the taps travel there (a matrix is about 200 times their size). A position
+    gets one weight and the zeros of clamped taps, so the sums are exact in any order."""
     import torch
 
     taps = max(w.shape[1] for _, w in axes)
-    first = np.stack([x for x, _ in axes])
-    weights = np.stack([np.pad(w, ((0, 0), (0, taps - w.shape[1]))) for _, w in axes])
-    cols = torch.from_numpy(first[:, :, None] + np.arange(taps)).clamp_(max=length - 1)  # 0-weight taps may overshoot
-    out = torch.zeros(len(axes), first.shape[1], length, dtype=torch.float64)
-    out.scatter_add_(2, cols, torch.from_numpy(weights))
-    return out.to(device, non_blocking=True)
+    first = np.empty((len(axes), axes[0][0].shape[0]), dtype=np.int64)
+    weights = np.zeros((*first.shape, taps))  # (np.pad per image costs ten times this loop)
+    for i, (x, w) in enumerate(axes):
+        first[i] = x
+        weights[i, :, :w.shape[1]] = w
+    cols = torch.from_numpy(first[:, :, None] + np.arange(taps)).to(device).clamp_(max=length - 1)  # 0-weight taps may overshoot
+    out = torch.zeros(len(axes), first.shape[1], length, dtype=torch.float64, device=device)
+    return out.scatter_add_(2, cols, torch.from_numpy(weights).to(device))
 
 
 def _clip8(x):
