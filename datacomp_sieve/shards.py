@@ -62,6 +62,7 @@ import os
 import re
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -329,6 +330,14 @@ _BLOCK = 512
 _NO_PREFIX = bytes(155)
 
 
+def _unsigned_checksum(header: bytes) -> int:
+    """A tar header's unsigned checksum: its bytes summed with the checksum field as 8 spaces.
+    The byte sums come from zlib's adler32, whose low half is 1 + the sum modulo 65521: exact for
+    256 bytes (at most 65,280), and a few times faster than ``sum`` over the bytes."""
+    halves = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    return 256 + halves - sum(header[148:156])
+
+
 def _plain_file(header: bytes, types: bytes = b"0\0"):
     """(name, size) when a tar header is a regular file's in the common ustar layout (octal
     numbers, a right unsigned checksum, no name prefix), else None: the rest is tarfile's.
@@ -342,7 +351,7 @@ def _plain_file(header: bytes, types: bytes = b"0\0"):
     except ValueError:
         return None
     name = header[:100].split(b"\0", 1)[0]
-    if checksum != 256 + sum(header[:148]) + sum(header[156:]) or not name or name.endswith(b"/"):
+    if checksum != _unsigned_checksum(header) or not name or name.endswith(b"/"):
         return None
     return name.decode(tarfile.ENCODING, "surrogateescape"), size
 

@@ -451,6 +451,18 @@ def test_pax_time_headers_of_img2dataset_tars_are_read_plain(tmp_path, monkeypat
     assert not shards_mod._times_only(b"") and shards_mod._times_only(b"12 atime=-1\n14 ctime=1.25\n")
 
 
+def test_the_header_checksum_is_tars_unsigned_one():
+    import random
+
+    from datacomp_sieve.shards import _unsigned_checksum
+
+    rng = random.Random(0)
+    headers = [bytes(rng.randrange(256) for _ in range(512)) for _ in range(200)]
+    headers += [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256)]
+    for h in headers:
+        assert _unsigned_checksum(h) == 256 + sum(h[:148]) + sum(h[156:]) == tarfile.calc_chksums(h)[0]
+
+
 # ------------------------------------------------------------------------------------ listing
 
 
