@@ -10,7 +10,10 @@ in one process, one after the other, with the same captioning weights:
 - ``fast``: this project's engine, ``score_pool`` with a ``ShardScorer`` and the engine's defaults
   for the device (fp16 on CUDA, fp32 on the CPU; batch 16 unless ``--batch_size``). Its store
   goes to ``WORK/fast``; the per-stage timings (read, caption, text, clip) come from the store's
-  shard statistics.
+  shard statistics. The CPU seconds of this process's threads during a run are printed by role
+  (``ThreadCpu``: the main thread, the captioning thread, the text threads, the pools' helper
+  threads, and "native" ones such as torch's); for Python threads, a sum close to the wall time
+  means the GIL was the limit.
 - ``reference``: written here the way the reference Sieve code works (facebookresearch/SIEVE
   ``webdataset_inference.py`` then ``sentence_similarity_inference.py``): fp32, batch 16, images
   read and decoded one by one in the main loop by a webdataset pipeline (``pilrgb`` decode, the
@@ -57,6 +60,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 
@@ -422,6 +426,60 @@ class GpuUtilisation:
         return sum(self.samples) / len(self.samples)
 
 
+class ThreadCpu:
+    """CPU seconds of this process's threads while alive, by role: read from /proc (Linux) every
+    100 ms, named after the Python thread (``caption_0`` -> caption, ``text_1`` -> text,
+    ``QueueFeederThread``, ...); threads Python does not know (torch's, CUDA's, the tokenizers')
+    are "native". How close the Python threads' sum comes to the wall time shows how much of it
+    the GIL allowed. A thread's last 100 ms may be missed if it ends before the sampler stops."""
+
+    def __init__(self):
+        self.start: dict = {}
+        self.last: dict = {}
+        self.names: dict = {}
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.start = self._read()
+        self._thread = threading.Thread(target=self._run, name="thread-cpu sampler", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict:
+        out = {}
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self.names[t.native_id] = t.name
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return out
+        for tid in tids:
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.last.update(self._read())
+
+    def stop(self) -> dict:
+        """{role: CPU seconds} over the sampler's life, largest first."""
+        self._stop.set()
+        self._thread.join()
+        self.last.update(self._read())
+        roles: dict = {}
+        for tid, cpu in self.last.items():
+            name = self.names.get(tid)
+            if name == self._thread.name:
+                continue
+            role = "native" if name is None else re.sub(r"[-_]\d+.*$", "", name)
+            roles[role] = roles.get(role, 0.0) + cpu - self.start.get(tid, 0.0)
+        return dict(sorted(((k, v) for k, v in roles.items() if v >= 0.005), key=lambda kv: -kv[1]))
+
+
 def _device_name(device: str) -> str:
     import torch
 
@@ -588,6 +646,11 @@ def main(argv=None) -> int:
                                  "text: MiniLM forward": (scorer.text, "embed")})
 
     decode_cpu = []  # per fast run: CPU seconds of the decoding processes
+    thread_cpu = []  # per fast run: {thread role: CPU seconds} of this process
+
+    def threads_line(wall: float) -> str:
+        return (", ".join(f"{k} {v:.2f}" for k, v in thread_cpu[-1].items()) + f" of {wall:.2f} s wall"
+                if thread_cpu and thread_cpu[-1] else "not readable here")
 
     def run_fast(cfg=config):
         scorer.config = cfg
@@ -596,10 +659,12 @@ def main(argv=None) -> int:
         _sync(torch.device(args.device))
         split.update(dict.fromkeys(split, 0.0))
         gpu = GpuUtilisation(args.device)
+        threads = ThreadCpu()
         t = time.perf_counter()
         manifest = score_pool(shards, fast_dir, cfg, overwrite=True, progress=False, scorer=scorer)
         _sync(torch.device(args.device))
         fast_s = time.perf_counter() - t
+        thread_cpu.append(threads.stop())
         gpu.stop()
         store = ScoreStore(fast_dir)
         stage = {"read": 0.0, "caption": 0.0, "text": 0.0, "clip": 0.0}
@@ -675,6 +740,7 @@ def main(argv=None) -> int:
     if util is not None:
         print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
     print(f"  image decoding: {scorer.image_decoding()}")
+    print(f"  this process's threads, CPU seconds in the last round: {threads_line(fast_runs[-1][0])}")
     if decode_cpu[0]:
         per_image = 1000 * sum(decode_cpu[:rounds]) / rounds / args.images
         print(f"  decoding processes: {per_image:.2f} ms CPU per image (JPEG decode, resize, crop): "
@@ -730,7 +796,8 @@ def main(argv=None) -> int:
                       f"{scorer.overlap_captioning}: fast {s_rate:.2f} img/s "
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
-                      + (f"; GPU utilisation {util:.0f}%" if util is not None else ""))
+                      + (f"; GPU utilisation {util:.0f}%" if util is not None else "")
+                      + f"; threads' CPU s: {threads_line(s_time)}")
                 rates.append((s_rate, "x".join(map(str, item)) + flags))
             except Exception:  # noqa: BLE001 - one setting failing should not lose the others' figures
                 traceback.print_exc()

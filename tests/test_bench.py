@@ -38,6 +38,10 @@ def test_score_speed_with_a_sweep(tmp_path):
     assert "text workers 1, " in sweep[2] and "text: MiniLM forward" in sweep[2]
     assert "text workers 1 (with the encoder), " in sweep[3] and "captioning thread False" in sweep[3]
     assert all("image decoding: in line" in ln for ln in sweep)  # the CPU decodes in line
+    # this process's threads' CPU, by role: the text threads where the text half runs in a process
+    assert re.search(r"this process's threads, CPU seconds in the last round: .*MainThread [\d.]+.* of [\d.]+ s wall",
+                     out)
+    assert re.search(r"threads' CPU s: .*text [\d.]+.* of [\d.]+ s wall$", sweep[2])
     assert "FAILED" not in out
     stages = next(ln for ln in lines if ln.startswith("fast (1 round)"))
     for part in ("caption: decoding", "text: token rows -> captions", "text: MiniLM encode", "text_wait"):
