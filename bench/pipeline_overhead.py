@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                         "(here on the CPU: as on a GPU, without the GPU)")
     args = p.parse_args(argv)
 
-    from bench.score_speed import build_shards
+    from bench.score_speed import ThreadCpu, build_shards
     from datacomp_sieve.caption import ImageTransform
     from datacomp_sieve.score import ScoreConfig, ShardScorer
     from datacomp_sieve.shards import iter_samples, list_shards
@@ -104,9 +104,11 @@ def main(argv=None) -> int:
     scorer.text_workers = args.text_workers
     try:
         scorer.score(shard)  # the decoding processes start
+        threads = ThreadCpu()
         wall, cpu, proc = time.perf_counter(), time.thread_time(), time.process_time()
         result = scorer.score(shard)
         wall, cpu, proc = time.perf_counter() - wall, time.thread_time() - cpu, time.process_time() - proc
+        roles = threads.stop()
         tar = time.perf_counter()
         read = sum(1 for _ in iter_samples(shard))
         tar = time.perf_counter() - tar
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
           f"wall {wall:.2f} s ({n / wall:.0f} img/s), stages {result.stats['timings']}")
     print(f"decoding processes: {1000 * result.stats['decoding_processes_cpu_s'] / n:.2f} ms CPU per image "
           "(JPEG decode, resize, crop)")
+    print("this process's threads, CPU ms per image: " + ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in roles.items()))
     print(f"main thread CPU {cpu:.2f} s = {per:.3f} ms/image: this engine's bookkeeping allows at most "
           f"{1000 / per:.0f} images/s; the whole process (the thread taking the crops back from the decoding "
           f"processes included) {1000 * proc / n:.3f} ms/image; of the main thread's share, reading the tar "
