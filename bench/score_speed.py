@@ -365,12 +365,15 @@ def _git_commit() -> str:
         return "unknown"
 
 
+SWEEP_FLAGS = "gcmst"  # what a --sweep item may end in (see --help)
+
+
 def parse_sweep(text: str) -> list:
     """``--sweep`` items: [((batch[, decoding processes[, text processes]]), flags), ...]; a
     ValueError for anything else (see ``--help``)."""
     sweep = []
     for item in filter(None, (i.strip() for i in text.split(","))):
-        numbers = item.rstrip("gcms")
+        numbers = item.rstrip(SWEEP_FLAGS)
         sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
     return sweep
 
@@ -484,7 +487,8 @@ def _device_name(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))}; {os.cpu_count()} CPU cores, torch threads " \
+               f"{torch.get_num_threads()})"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -537,8 +541,9 @@ def main(argv=None) -> int:
                         "TEXT: text processes, which mask and tokenise), each optionally ending in any of g (the "
                         "decoding step as a CUDA graph), c (resize and crop in the decoding processes, not on the "
                         "device), m (the text processes run their own text encoder on the device too) and s "
-                        "(each batch captioned on this thread, not on one of its own while the next is read), "
-                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs")
+                        "(each batch captioned on this thread, not on one of its own while the next is read) and t "
+                        "(torch's CPU thread pool in this process cut to one thread, from the machine's cores), "
+                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -549,7 +554,7 @@ def main(argv=None) -> int:
     try:
         sweep = parse_sweep(args.sweep)
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t] items, got {args.sweep!r}")
 
     import logging
 
@@ -765,8 +770,12 @@ def main(argv=None) -> int:
         rates = []  # (img/s, sweep item) of the items that ran
         sampler = getattr(scorer.captioner, "sampler", None)
         prev_batch = config.batch_size
+        torch_threads = torch.get_num_threads()
         for item, flags in sweep:
             graphs = "g" in flags
+            # t: fewer threads for this process's CPU-side torch work (the gather of a batch), so
+            # that they do not wait on cores the decoding and text processes use
+            torch.set_num_threads(1 if "t" in flags else torch_threads)
             try:
                 batch = item[0]
                 cfg = dataclasses.replace(config, batch_size=batch)
@@ -790,7 +799,8 @@ def main(argv=None) -> int:
                 prev_batch = batch
                 s_time, s_stage, s_rate = run_fast(cfg)
                 util = s_stage.pop("gpu utilisation %", None)
-                print(f"sweep: batch {batch}, decode workers {workers} (image decoding: {scorer.image_decoding()}), "
+                print(f"sweep: batch {batch}, torch threads {torch.get_num_threads()}, decode workers {workers} "
+                      f"(image decoding: {scorer.image_decoding()}), "
                       f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}, captioning thread "
                       f"{scorer.overlap_captioning}: fast {s_rate:.2f} img/s "
@@ -804,6 +814,7 @@ def main(argv=None) -> int:
                 print(f"sweep: {'x'.join(map(str, item))}{flags}: FAILED with an exception")
                 scorer.close()
         scorer.close()
+        torch.set_num_threads(torch_threads)
         if rates:
             best = max(rates)
             print(f"sweep: fastest {best[1]} at {best[0]:.2f} img/s, against {fast_rate:.2f} img/s at the defaults")

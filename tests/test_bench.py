@@ -22,18 +22,20 @@ def _run(script, *args, timeout=600):
 
 def test_score_speed_with_a_sweep(tmp_path):
     out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "8", "--samples_per_shard", "4",
-               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4c,4x0x1,4x0x1ms", "--sep_bias", "3",
+               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4ct,4x0x1,4x0x1ms", "--sep_bias", "3",
                "--work_dir", str(tmp_path))
     lines = out.strip().splitlines()
     ends = re.search(r"new tokens per caption, \[SEP\] included: ([\d.]+) on average", out)
     assert ends and float(ends.group(1)) < 16  # --sep_bias: captions end before max_length
     assert re.fullmatch(r"fast [\d.]+ img/s, reference [\d.]+ img/s, ratio [\d.]+", lines[-1])
     sweep = [ln for ln in lines if ln.startswith("sweep: batch")]
-    fastest = re.search(r"^sweep: fastest (4g|4c|4x0x1|4x0x1ms) at [\d.]+ img/s, against [\d.]+ img/s at the defaults$",
+    fastest = re.search(r"^sweep: fastest (4g|4ct|4x0x1|4x0x1ms) at [\d.]+ img/s, against [\d.]+ img/s at the defaults$",
                         out, re.M)
     assert fastest and float(re.search(r"at ([\d.]+) img/s", fastest.group(0)).group(1)) == max(
         float(re.search(r"fast ([\d.]+) img/s", ln).group(1)) for ln in sweep)
     assert len(sweep) == 4 and "CUDA graphs True" in sweep[0] and "CUDA graphs False" in sweep[1]
+    torch_threads = re.search(r"torch threads (\d+)\)", out).group(1)  # the device line
+    assert f"torch threads {torch_threads}," in sweep[0] and "torch threads 1," in sweep[1]  # t: one
     # a text process that tokenises (the forward runs in this process, timed), one with the encoder
     assert "text workers 1, " in sweep[2] and "text: MiniLM forward" in sweep[2]
     assert "text workers 1 (with the encoder), " in sweep[3] and "captioning thread False" in sweep[3]
@@ -85,7 +87,7 @@ def test_gpu_check_runs_what_a_cpu_can(capsys):
 def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
     """bench/gpu_round.sh, with a stand-in for python that prints its arguments: every step runs
     and keeps its output, and every --sweep it gives is one score_speed.py accepts."""
-    from bench.score_speed import parse_sweep
+    from bench.score_speed import SWEEP_FLAGS, parse_sweep
 
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_round.sh"), str(tmp_path / "out"), "512"],
                          env={**os.environ, "PYTHON": "echo"}, capture_output=True, text=True, timeout=60)
@@ -95,7 +97,7 @@ def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
     assert len(sweeps) == 4  # two steps, each line printed by the script and by the stand-in
     for text in sweeps:
         items = parse_sweep(text)
-        assert items and all(set(flags) <= set("gcms") and 1 <= len(n) <= 3 for n, flags in items)
+        assert items and all(set(flags) <= set(SWEEP_FLAGS) and 1 <= len(n) <= 3 for n, flags in items)
     assert (tmp_path / "out" / "score_speed.txt").read_text().startswith("bench/score_speed.py --device cuda")
     with pytest.raises(ValueError):
         parse_sweep("256x12x3q")
