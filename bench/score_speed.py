@@ -651,6 +651,7 @@ def main(argv=None) -> int:
                                  "text: MiniLM forward": (scorer.text, "embed")})
 
     decode_cpu = []  # per fast run: CPU seconds of the decoding processes
+    text_cpu = []  # per fast run: CPU seconds of the text processes (when they only tokenise)
     thread_cpu = []  # per fast run: {thread role: CPU seconds} of this process
 
     def threads_line(wall: float) -> str:
@@ -660,6 +661,7 @@ def main(argv=None) -> int:
     def run_fast(cfg=config):
         scorer.config = cfg
         decode_cpu.append(0.0)
+        text_cpu.append(0.0)
         fast_dir = _fresh(os.path.join(work, "fast"))
         _sync(torch.device(args.device))
         split.update(dict.fromkeys(split, 0.0))
@@ -678,6 +680,7 @@ def main(argv=None) -> int:
             for k, v in st.get("timings", {}).items():
                 stage[k] = stage.get(k, 0.0) + v
             decode_cpu[-1] += st.get("decoding_processes_cpu_s", 0.0)
+            text_cpu[-1] += st.get("text_processes_cpu_s", 0.0)
         ok = manifest.get("status", {}).get("ok", 0)
         if ok != args.images:
             print(f"WARNING: the engine scored {ok} of {args.images} images: {manifest.get('status')}")
@@ -751,6 +754,12 @@ def main(argv=None) -> int:
         print(f"  decoding processes: {per_image:.2f} ms CPU per image (JPEG decode, resize, crop): "
               f"{scorer.decode_workers} of them on free cores decode at most "
               f"{1000 * scorer.decode_workers / per_image:.0f} images/s")
+    if text_cpu[0]:
+        per_image = 1000 * sum(text_cpu[:rounds]) / rounds / args.images
+        print(f"  text processes: {per_image:.2f} ms CPU per image (masking, tokenising and, where they do it, "
+              f"token rows -> captions): "
+              f"{scorer.text_workers} of them on free cores handle at most "
+              f"{1000 * scorer.text_workers / per_image:.0f} images/s")
     print(f"  scores in {fast_dir}")
     print(f"reference ({per}): {n_ref} images in {ref_s:.2f} s; stages: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in ref_stage.items()))
@@ -807,6 +816,7 @@ def main(argv=None) -> int:
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                       + (f"; GPU utilisation {util:.0f}%" if util is not None else "")
+                      + (f"; text processes' CPU {1000 * text_cpu[-1] / args.images:.2f} ms/image" if text_cpu[-1] else "")
                       + f"; threads' CPU s: {threads_line(s_time)}")
                 rates.append((s_rate, "x".join(map(str, item)) + flags))
             except Exception:  # noqa: BLE001 - one setting failing should not lose the others' figures

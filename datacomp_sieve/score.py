@@ -306,15 +306,17 @@ def _text_features(alt_texts: list, captions: list | None, token_rows=None):
     """In a text process: the text half's host work, masking and tokenising; the encoder's
     forward runs in the scoring process (``TextEncoder.embed``, then ``text.scores_of``).
     ``token_rows``: (ids, r) to turn into the captions here (the captioner's ``decoder``), which
-    then come back too."""
+    then come back too; and the CPU seconds this took."""
     from .caption import per_image
     from .text import masked_texts
 
+    cpu = time.process_time()
     made = None
     if token_rows is not None:
         made = captions = per_image(_TEXT["decoder"](token_rows[0]), token_rows[1])
     alt, flat, counts, empty = masked_texts(alt_texts, captions, _TEXT["masking"])
-    return _TEXT["encoder"].features(alt + flat), (None, None, counts, empty), made
+    features = _TEXT["encoder"].features(alt + flat)
+    return features, (None, None, counts, empty), made, time.process_time() - cpu
 
 
 @dataclass
@@ -652,8 +654,9 @@ class ShardScorer:
             elif pool is not None:
                 if rows is not None:
                     rows = (rows[0].numpy().astype(np.int32), rows[1])
-                (batches, order), masked, made = self._result(
+                (batches, order), masked, made, cpu = self._result(
                     lambda: pool.submit(_text_features, list(texts), caps, rows), "a text", text=True)
+                text_cpu.append(cpu)
                 caps = made if rows is not None else caps
                 with self._text_stream():
                     emb = self.text.embed(batches, order)
@@ -745,6 +748,7 @@ class ShardScorer:
         cap_thread = ThreadPoolExecutor(1, thread_name_prefix="caption") if self.overlap_captioning else None
         captioning = None  # (idx, images, texts, future of the captions function)
         prep_s = 0.0  # gathering, moving and normalising batches (on this thread)
+        text_cpu: list = []  # CPU seconds of the text processes' tasks (they tokenise only)
         self._decode_cpu = 0.0
         if self._ring is not None:
             self._ring.reset()  # nothing of an earlier shard is in flight (``_prepared`` waits)
@@ -798,6 +802,8 @@ class ShardScorer:
         }
         if self._in_processes():
             stats["decoding_processes_cpu_s"] = round(self._decode_cpu, 3)
+        if text_cpu:
+            stats["text_processes_cpu_s"] = round(sum(text_cpu), 3)
         if report is not None:
             stats["tar"] = report if isinstance(report, dict) else asdict(report)
         return ShardResult(table, stats)

@@ -38,6 +38,7 @@ def test_score_speed_with_a_sweep(tmp_path):
     assert f"torch threads {torch_threads}," in sweep[0] and "torch threads 1," in sweep[1]  # t: one
     # a text process that tokenises (the forward runs in this process, timed), one with the encoder
     assert "text workers 1, " in sweep[2] and "text: MiniLM forward" in sweep[2]
+    assert re.search(r"text processes' CPU [\d.]+ ms/image", sweep[2]) and "text processes' CPU" not in sweep[3]
     assert "text workers 1 (with the encoder), " in sweep[3] and "captioning thread False" in sweep[3]
     assert all("image decoding: in line" in ln for ln in sweep)  # the CPU decodes in line
     # this process's threads' CPU, by role: the text threads where the text half runs in a process
