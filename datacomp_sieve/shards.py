@@ -61,6 +61,7 @@ import logging
 import os
 import re
 import tarfile
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -160,20 +161,35 @@ class ImageExtent:
     path: str
     offset: int
     size: int
+    version: tuple = ()  # the tar's (inode, mtime) when it was read: a rewritten tar is opened again
 
     def __len__(self) -> int:
         return self.size
 
     def read(self) -> bytes:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, self.size, self.offset)
-        finally:
-            os.close(fd)
+        with _OPEN_LOCK:  # (a descriptor is closed only under the lock)
+            data = os.pread(_open_shard(self.path, self.version), self.size, self.offset)
         if len(data) != self.size:
             raise OSError(f"{self.path} is shorter than when it was read ({len(data)} of {self.size} bytes at "
                           f"byte {self.offset}): was the shard rewritten while it was scored?")
         return data
+
+
+_OPEN: dict = {}  # in a process reading extents: the last few tars' file descriptors
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_shard(path: str, version: tuple) -> int:
+    """A read-only file descriptor of ``path`` as it was at ``version``, kept open for the next
+    images of the same tar (opening a file per image costs a round trip on network filesystems)."""
+    key = (path, version)
+    fd = _OPEN.pop(key, None)
+    if fd is None:
+        while len(_OPEN) >= 4:
+            os.close(_OPEN.pop(next(iter(_OPEN))))
+        fd = os.open(path, os.O_RDONLY)
+    _OPEN[key] = fd  # the most recently used last
+    return fd
 
 
 class ImageError(Exception):
@@ -376,7 +392,7 @@ def _plain_members(raw, extents=None):
     """(name, data) of the tar's members for as long as they are plain regular files whose data
     is all there, each perhaps after a pax header that only sets times; then returns (offset,
     bytes read from there) for tarfile to go on from. ``extents``: (the tar's local path, its
-    size): an image member's data is skipped and comes as an ``ImageExtent``."""
+    size, its version): an image member's data is skipped and comes as an ``ImageExtent``."""
     offset = 0
     while True:
         header = raw.read(_BLOCK)
@@ -400,7 +416,7 @@ def _plain_members(raw, extents=None):
         end = start + size + pad
         if extents is not None and size and end <= extents[1] and split_key(name)[1] in IMAGE_EXTS:
             raw.seek(end)
-            yield name, ImageExtent(extents[0], start, size)
+            yield name, ImageExtent(extents[0], start, size, extents[2])
             offset = end
             continue
         data = raw.read(size)
@@ -558,7 +574,8 @@ def iter_samples(shard: Shard, extents: bool = False) -> Iterator[Sample]:
         if isinstance(fs, LocalFileSystem):
             try:
                 local = os.path.abspath(fs._strip_protocol(path))
-                local = (local, os.path.getsize(local))
+                st = os.stat(local)
+                local = (local, st.st_size, (st.st_ino, st.st_mtime_ns))
             except OSError:
                 local = None
     group: _Group | None = None

@@ -6,6 +6,7 @@ per sample ``KEY.jpg``, ``KEY.json``, ``KEY.txt`` (extensions sorted), padded to
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -449,6 +450,26 @@ def test_pax_time_headers_of_img2dataset_tars_are_read_plain(tmp_path, monkeypat
         assert [s.status for s in got] == ["ok", "ok", status, "ok"]
     assert not shards_mod._times_only(b"29 mtime=1795806804.4445288\n")  # wrong length
     assert not shards_mod._times_only(b"") and shards_mod._times_only(b"12 atime=-1\n14 ctime=1.25\n")
+
+
+def test_image_extents_follow_a_tar_replaced_under_the_same_path(tmp_path):
+    """A process reading extents keeps the tar open for its next images; a tar replaced at the
+    same path (a re-download) is opened again, not read through the old descriptor."""
+    from datacomp_sieve.shards import ImageExtent
+
+    def images(folder):
+        [shard] = list_shards(str(folder))
+        got = [s.image for s in iter_samples(shard, extents=True)]
+        assert all(isinstance(x, ImageExtent) for x in got)
+        return [x.read() for x in got]
+
+    first = [sample(i, image=bytes([i + 1]) * (100 + i)) for i in range(3)]
+    path = write_shard(tmp_path, 0, tar_bytes(first))
+    assert images(tmp_path) == [m["jpg"] for _, m in first]
+    second = [sample(i, image=bytes([i + 7]) * (300 - i)) for i in range(3)]
+    (tmp_path / "new.tar").write_bytes(tar_bytes(second))
+    os.replace(tmp_path / "new.tar", path)
+    assert images(tmp_path) == [m["jpg"] for _, m in second]
 
 
 def test_the_header_checksum_is_tars_unsigned_one():
