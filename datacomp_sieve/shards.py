@@ -622,7 +622,7 @@ def iter_samples(shard: Shard, extents: bool = False) -> Iterator[Sample]:
                 group.add(ext, data, member.name, report)
 
     try:
-        with fs.open(path, "rb") as raw:
+        with (open(local[0], "rb") if local else fs.open(path, "rb")) as raw:  # local: without fsspec's wrapper
             plain = _plain_members(raw, local)
             while True:
                 try:
