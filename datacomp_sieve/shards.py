@@ -622,7 +622,8 @@ def iter_samples(shard: Shard, extents: bool = False) -> Iterator[Sample]:
                 group.add(ext, data, member.name, report)
 
     try:
-        with (open(local[0], "rb") if local else fs.open(path, "rb")) as raw:  # local: without fsspec's wrapper
+        # a local tar read with extents: without fsspec's wrapper around every read
+        with (open(local[0], "rb") if local else fs.open(path, "rb")) as raw:
             plain = _plain_members(raw, local)
             while True:
                 try:
