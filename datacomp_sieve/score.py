@@ -645,10 +645,12 @@ class ShardScorer:
         def text_half(idx, images, texts, captions):
             t = time.time()
             pool = self._text_processes() if text_workers else None
+            model_there = pool is not None and self._text_model_there()
             # text processes that only tokenise turn the token rows into captions too
-            rows = getattr(captions, "token_rows", None) if pool is not None and self._decoding_there else None
+            there = pool is not None and self._decoding_there and not model_there
+            rows = getattr(captions, "token_rows", None) if there else None
             caps = captions() if rows is None else None
-            if pool is not None and self._text_model_there():
+            if model_there:
                 best, mean, which = self._result(
                     lambda: pool.submit(_score_texts, list(texts), caps), "a text", text=True)
             elif pool is not None:
