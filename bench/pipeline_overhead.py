@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=224,
                    help="crop size of the preprocessing (224: the reference BLIP's; the captioner is a stand-in)")
     p.add_argument("--text_workers", type=int, default=0,
-                   help="text processes masking and tokenising (with the real text encoder's tokenizer), as "
+                   help="text processes masking and tokenising (with the real text encoder's tokenizer; the stand-in "
+                        "captioner gives captions, not token rows), as "
                         "ShardScorer.text_workers; the forward stays a constant here")
     p.add_argument("--device_ms", type=float, default=0.0,
                    help="a stand-in device: the captioner waits this many ms per batch (in 20 steps, the "

@@ -538,7 +538,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default="",
                    help="after the rounds, time this engine alone at other settings: comma-separated BATCH, "
                         "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
-                        "TEXT: text processes, which mask and tokenise), each optionally ending in any of g (the "
+                        "TEXT: text processes, which decode captions, mask and tokenise), each optionally ending in any of g (the "
                         "decoding step as a CUDA graph), c (resize and crop in the decoding processes, not on the "
                         "device), m (the text processes run their own text encoder on the device too) and s "
                         "(each batch captioned on this thread, not on one of its own while the next is read) and t "

@@ -264,7 +264,8 @@ def text_share(cpus: int) -> int:
 
 def gpu_processes(cpus: int) -> tuple[int, int]:
     """(text processes, image-decoding processes) for a GPU with ``cpus`` cores: ``text_share``
-    text processes, at most 3 (each masks and tokenises over 2,000 images/s), and the decoding
+    text processes, at most 3 (each turns token rows into captions, masks and tokenises 1,300-1,900
+    images/s on the 2-core test machine: bench/text_host_cost.py), and the decoding
     processes on the rest but two (this process's threads), at most 32."""
     text = min(3, text_share(cpus))
     return text, max(1, min(32, cpus - 2 - text))
@@ -303,7 +304,7 @@ def _score_texts(alt_texts: list, captions: list):
 
 
 def _text_features(alt_texts: list, captions: list | None, token_rows=None):
-    """In a text process: the text half's host work, masking and tokenising; the encoder's
+    """In a text process: the text half's host work, (decoding,) masking and tokenising; the encoder's
     forward runs in the scoring process (``TextEncoder.embed``, then ``text.scores_of``).
     ``token_rows``: (ids, r) to turn into the captions here (the captioner's ``decoder``), which
     then come back too; and the CPU seconds this took."""
@@ -359,9 +360,10 @@ class ShardScorer:
         #: process's GIL for about 0.9 ms per image (bench/text_host_cost.py), more than 2,500
         #: images/s leave for everything; split, this process keeps less than half of it.
         self.text_workers = text_workers
-        #: With text processes: False (default), they mask and tokenise, and the text encoder
-        #: runs here on its own CUDA stream (one CUDA context); True, each runs its own copy of
-        #: the encoder on the device as well. Either way the scores are the same.
+        #: With text processes: False (default), they mask and tokenise (and decode the captions,
+        #: ``decode_in_text_workers``), and the text encoder runs here on its own CUDA stream (one
+        #: CUDA context); True, each runs its own copy of the encoder on the device as well.
+        #: Either way the scores are the same.
         self.text_model_in_workers = False
         #: the decoding processes read the images' bytes from the tar themselves where it is a
         #: local, uncompressed file (``shards.ImageExtent``): this process reads only the headers,
