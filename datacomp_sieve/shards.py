@@ -55,6 +55,7 @@ an extension the reader does not use, or a repeat of one its sample already has)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -624,6 +625,11 @@ def iter_samples(shard: Shard, extents: bool = False) -> Iterator[Sample]:
     try:
         # a local tar read with extents: without fsspec's wrapper around every read
         with (open(local[0], "rb") if local else fs.open(path, "rb")) as raw:
+            if local and hasattr(os, "posix_fadvise"):
+                # this process reads only the headers and the decoding processes the images, out
+                # of order: ask the kernel to read the whole tar ahead, as one sequential reader would
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
             plain = _plain_members(raw, local)
             while True:
                 try:
