@@ -8,7 +8,8 @@
 #
 # Each step's output goes to OUT_DIR/<step>.txt and to the terminal. Sweep items are
 # BATCH[xDECODING[xTEXT]] processes, then flags: g CUDA graphs, c resize in the decoding
-# processes, m text encoder in the text processes, s no captioning thread, t one torch thread
+# processes, m text encoder in the text processes, s no captioning thread, t one torch thread,
+# i batches moved and prepared on a CUDA stream of their own
 # (score_speed.py --help).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,6 @@ df -h /dev/shm 2>&1 | tee -a "$out/gpu.txt"
 step gpu_check 150 "$py" bench/gpu_check.py
 step score_speed 330 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
     --samples_per_shard "$images" --reference_images $((images < 256 ? images : 256)) \
-    --sweep 256g,256x11x3gm,256x11x3gs,256x11x0g,256x11x3gt,256x6x3g,256x11x3gc,512x11x3g
+    --sweep 256g,256x11x3gi,256x11x3gm,256x11x3gs,256x11x0g,256x11x3gt,256x6x3g,256x11x3gc,512x11x3g
 step sep_bias 90 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
     --samples_per_shard "$images" --reference_images $((images < 64 ? images : 64)) --sep_bias 3 --sweep 256g

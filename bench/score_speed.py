@@ -365,7 +365,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-SWEEP_FLAGS = "gcmst"  # what a --sweep item may end in (see --help)
+SWEEP_FLAGS = "gcmsti"  # what a --sweep item may end in (see --help)
 
 
 def parse_sweep(text: str) -> list:
@@ -543,7 +543,8 @@ def main(argv=None) -> int:
                         "device), m (the text processes run their own text encoder on the device too) and s "
                         "(each batch captioned on this thread, not on one of its own while the next is read) and t "
                         "(torch's CPU thread pool in this process cut to one thread, from the machine's cores), "
-                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt")
+                        "i (each batch moved to the GPU and prepared on a CUDA stream of its own), "
+                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt,256x12x3gi")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -554,7 +555,7 @@ def main(argv=None) -> int:
     try:
         sweep = parse_sweep(args.sweep)
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t][i] items, got {args.sweep!r}")
 
     import logging
 
@@ -789,6 +790,7 @@ def main(argv=None) -> int:
                 batch = item[0]
                 cfg = dataclasses.replace(config, batch_size=batch)
                 scorer.overlap_captioning = default_overlap and "s" not in flags
+                scorer.input_stream = "i" in flags
                 workers = item[1] if len(item) > 1 else default_workers
                 text = item[2] if len(item) > 2 else default_text
                 resize = False if "c" in flags else None
@@ -812,7 +814,8 @@ def main(argv=None) -> int:
                       f"(image decoding: {scorer.image_decoding()}), "
                       f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}, captioning thread "
-                      f"{scorer.overlap_captioning}: fast {s_rate:.2f} img/s "
+                      f"{scorer.overlap_captioning}, input stream {scorer._input_stream() is not None}: "
+                      f"fast {s_rate:.2f} img/s "
                       f"({s_time:.2f} s); "
                       + ", ".join(f"{k} {v:.2f} s" for k, v in s_stage.items())
                       + (f"; GPU utilisation {util:.0f}%" if util is not None else "")
@@ -830,6 +833,7 @@ def main(argv=None) -> int:
             print(f"sweep: fastest {best[1]} at {best[0]:.2f} img/s, against {fast_rate:.2f} img/s at the defaults")
         scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = default_workers, default_text, None
         scorer.text_model_in_workers, scorer.overlap_captioning = False, default_overlap
+        scorer.input_stream = False
         if sampler is not None:
             sampler.cuda_graphs = False
     if rounds > 1:

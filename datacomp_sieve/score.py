@@ -355,6 +355,10 @@ class ShardScorer:
         #: moves the next batch to the device (the sampling loop waits on the device at every
         #: step, with the GIL released): the host's share of each batch overlaps the device's.
         self.overlap_captioning = on_gpu
+        #: With the captioning thread on a GPU: each batch is copied to the device, resized and
+        #: normalised on a CUDA stream of its own, so that the copy overlaps the captioning of the
+        #: batch before instead of queueing behind it (off until measured on a GPU).
+        self.input_stream = False
         #: The text half's host work (masking, tokenising) in this many processes of their own
         #: (0: in this process; on GPUs ``gpu_processes``). On a thread it would hold this
         #: process's GIL for about 0.9 ms per image (bench/text_host_cost.py), more than 2,500
@@ -542,6 +546,17 @@ class ShardScorer:
                 j += 1
             yield sample, status, error if status != "ok" else sample.error, None, pixels
 
+    def _input_stream(self):
+        """The CUDA stream batches are moved to the device and prepared on (``input_stream``), or
+        None."""
+        import torch
+
+        if not (self.input_stream and self.on_gpu):
+            return None
+        if getattr(self, "_in_stream", None) is None:
+            self._in_stream = torch.cuda.Stream(device=self.config.device)
+        return self._in_stream
+
     def _text_stream(self):
         """A context running the text encoder on its own CUDA stream when it overlaps captioning."""
         import contextlib
@@ -694,10 +709,12 @@ class ShardScorer:
                 fill(*texts_ahead.popleft().result())
             timings["text_wait"] += time.time() - t
 
-        def caption(stacked):
+        def caption(stacked, ready=None):
             t = time.time()
             # the scorer's GPU as this thread's current device (CUDA graphs capture on a stream of it)
             with torch.cuda.device(cfg.device) if self.on_gpu else contextlib.nullcontext():
+                if ready is not None:  # the batch was moved and prepared on the input stream
+                    torch.cuda.current_stream().wait_event(ready)
                 captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t  # only this function's thread writes this key
             return captions
@@ -714,7 +731,7 @@ class ShardScorer:
             (the next batch) starts captioning first, so the device does not wait for the hand-over."""
             nonlocal captioning
             done = captioning and (*captioning[:3], captioning[3].result())
-            captioning = then and (*then[:3], cap_thread.submit(caption, then[3]))
+            captioning = then and (*then[:3], cap_thread.submit(caption, *then[3:]))
             if done:
                 to_text(*done)
 
@@ -725,22 +742,30 @@ class ShardScorer:
             idx, images, pixels, texts = zip(*pending)
             pending.clear()
             t = time.time()
-            if isinstance(pixels[0], (_Slot, np.ndarray)):  # crops from the decoding processes
-                # on a GPU in half precision, normalised there (4x fewer bytes to move; rounded to
-                # half anyway); in fp32 on the CPU, as the reference
-                to_gpu = self.on_gpu and cfg.precision != "fp32"
-                if self._ring is not None:
-                    batch = self._crops(pixels, cfg.device if to_gpu else "cpu", pin=to_gpu)
+            stream = self._input_stream() if cap_thread is not None else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if isinstance(pixels[0], (_Slot, np.ndarray)):  # crops from the decoding processes
+                    # on a GPU in half precision, normalised there (4x fewer bytes to move; rounded
+                    # to half anyway); in fp32 on the CPU, as the reference
+                    to_gpu = self.on_gpu and cfg.precision != "fp32"
+                    if self._ring is not None:
+                        batch = self._crops(pixels, cfg.device if to_gpu else "cpu", pin=to_gpu)
+                    else:
+                        batch = torch.from_numpy(np.stack(pixels))
+                        if to_gpu:
+                            batch = batch.pin_memory().to(cfg.device, non_blocking=True)
+                    stacked = self.captioner.preprocess.normalize(batch)
                 else:
-                    batch = torch.from_numpy(np.stack(pixels))
-                    if to_gpu:
-                        batch = batch.pin_memory().to(cfg.device, non_blocking=True)
-                stacked = self.captioner.preprocess.normalize(batch)
-            else:
-                stacked = torch.stack(pixels)
+                    stacked = torch.stack(pixels)
+            ready = None
+            if stream is not None:  # the captioning waits for this stream's work, not for the host
+                ready = torch.cuda.Event()
+                ready.record(stream)
+                if stacked.is_cuda:  # used on the captioning thread's stream: not freed before it is done
+                    stacked.record_stream(torch.cuda.current_stream(stacked.device))
             prep_s += time.time() - t
             if cap_thread is not None:
-                handed((idx, images, texts, stacked))
+                handed((idx, images, texts, stacked, ready))
             else:
                 to_text(idx, images, texts, caption(stacked))
 
