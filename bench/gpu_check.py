@@ -19,7 +19,9 @@ defaults differ (fused attention, half precision):
   the largest difference and the time for one batch;
 - the text encoder split as with text processes (``TextEncoder.features`` then ``embed``) gives
   ``encode``'s embeddings in the GPU's half precision, and the time of the forward for one
-  batch's texts (256 images x 9 texts).
+  batch's texts (256 images x 9 texts);
+- the engine end to end (tiny BLIP, 64 images): with decoding and text processes, the captioning
+  thread and the resize on the device, and with ``input_stream``, the same store as in line.
 """
 
 from __future__ import annotations
@@ -245,6 +247,53 @@ def _text_split(device, images: int = 256) -> bool:
     return same
 
 
+def _engine(device, images: int = 64) -> bool:
+    """The engine end to end on the device (tiny BLIP, bench images in 2 shards): with decoding
+    and text processes, the captioning thread and the device's defaults (resize on the device in
+    half precision), and again with ``input_stream``, the stores equal the store made with
+    everything in line on the same device."""
+    import glob
+    import shutil
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from bench.score_speed import build_shards
+    from datacomp_sieve.score import ScoreConfig, ShardScorer, score_pool
+
+    work = tempfile.mkdtemp(prefix="gpu_check_engine_")
+    try:
+        shards = os.path.join(work, "shards")
+        build_shards(shards, images, images // 2)
+        cfg = ScoreConfig(captioner="tiny", device=device, num_captions=4, batch_size=16)
+
+        def run(name, **attrs):
+            scorer = ShardScorer(cfg)
+            for k, v in attrs.items():
+                setattr(scorer, k, v)
+            try:
+                manifest = score_pool(shards, os.path.join(work, name), cfg, progress=False, scorer=scorer)
+                how = (f"images {scorer.image_decoding()}, text processes {scorer.text_workers}, captioning "
+                       f"thread {scorer.overlap_captioning}, input stream {scorer._input_stream() is not None}")
+            finally:
+                scorer.close()
+            tables = [pq.read_table(f) for f in sorted(glob.glob(os.path.join(work, name, "*.parquet")))]
+            return manifest["status"], how, tables
+
+        inline = run("inline", decode_workers=0, decode_threads=0, text_workers=0, overlap_text=False,
+                     overlap_captioning=False)
+        ok = inline[0] == {"ok": images}
+        print(f"engine on {device}, tiny BLIP, {images} images: in line ({inline[1]}): {inline[0]}")
+        for name, attrs in (("processes", {}), ("input stream", {"input_stream": True})):
+            got = run(name, decode_workers=2, text_workers=1, **attrs)
+            same = len(got[2]) == len(inline[2]) == 2 and all(a.equals(b) for a, b in zip(got[2], inline[2]))
+            ok &= same
+            print(f"engine on {device}, {name} ({got[1]}): store EQUAL to the in-line one: {same}")
+        return ok
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _half_precision(device) -> bool:
     """BLIP-base fp16/bf16 greedy tokens against transformers' (a figure); sampling deterministic per seed."""
     import torch
@@ -294,7 +343,8 @@ def main(argv=None) -> int:
     if args.graph_only:
         return 0 if _guarded(_graph_timing, args.device, args.graph_images) else 1
     ok = True
-    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _vision_timing, _text_split, _half_precision):
+    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _vision_timing, _text_split, _engine,
+                  _half_precision):
         ok &= _guarded(check, args.device)
     ok &= _guarded(_graph_timing, args.device, args.graph_images)
     print("OK" if ok else "FAILED")

@@ -79,11 +79,12 @@ def test_gpu_check_runs_what_a_cpu_can(capsys):
     from bench import gpu_check
 
     for check, args in ((gpu_check._tiny_greedy, ()), (gpu_check._gpu_normalize, ()),
-                        (gpu_check._device_resize, (2,)), (gpu_check._text_split, (2,))):
+                        (gpu_check._device_resize, (2,)), (gpu_check._text_split, (2,)), (gpu_check._engine, (8,))):
         assert check("cpu", *args), check.__name__
     out = capsys.readouterr().out
     assert out.count("EQUAL to transformers") == 4 and "EQUAL to Pillow's" in out
     assert "embedded here EQUAL to encode: True" in out
+    assert out.count("store EQUAL to the in-line one: True") == 2 and "images processes (2" in out
 
 
 def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
