@@ -437,7 +437,6 @@ class ThreadCpu:
     the GIL allowed. A thread's last 100 ms may be missed if it ends before the sampler stops."""
 
     def __init__(self):
-        self.start: dict = {}
         self.last: dict = {}
         self.names: dict = {}
         self._stop = threading.Event()
@@ -750,17 +749,14 @@ def main(argv=None) -> int:
         print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
     print(f"  image decoding: {scorer.image_decoding()}")
     print(f"  this process's threads, CPU seconds in the last round: {threads_line(fast_runs[-1][0])}")
-    if decode_cpu[0]:
-        per_image = 1000 * sum(decode_cpu[:rounds]) / rounds / args.images
-        print(f"  decoding processes: {per_image:.2f} ms CPU per image (JPEG decode, resize, crop): "
-              f"{scorer.decode_workers} of them on free cores decode at most "
-              f"{1000 * scorer.decode_workers / per_image:.0f} images/s")
-    if text_cpu[0]:
-        per_image = 1000 * sum(text_cpu[:rounds]) / rounds / args.images
-        print(f"  text processes: {per_image:.2f} ms CPU per image (masking, tokenising and, where they do it, "
-              f"token rows -> captions): "
-              f"{scorer.text_workers} of them on free cores handle at most "
-              f"{1000 * scorer.text_workers / per_image:.0f} images/s")
+    for what, cpu, work, workers, verb in (
+            ("decoding processes", decode_cpu, "JPEG decode, resize, crop", scorer.decode_workers, "decode"),
+            ("text processes", text_cpu, "masking, tokenising and, where they do it, token rows -> captions",
+             scorer.text_workers, "handle")):
+        if cpu[0]:
+            per_image = 1000 * sum(cpu[:rounds]) / rounds / args.images
+            print(f"  {what}: {per_image:.2f} ms CPU per image ({work}): {workers} of them on free cores "
+                  f"{verb} at most {1000 * workers / per_image:.0f} images/s")
     print(f"  scores in {fast_dir}")
     print(f"reference ({per}): {n_ref} images in {ref_s:.2f} s; stages: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in ref_stage.items()))

@@ -573,12 +573,10 @@ def iter_samples(shard: Shard, extents: bool = False) -> Iterator[Sample]:
         from fsspec.implementations.local import LocalFileSystem
 
         if isinstance(fs, LocalFileSystem):
-            try:
-                local = os.path.abspath(fs._strip_protocol(path))
-                st = os.stat(local)
-                local = (local, st.st_size, (st.st_ino, st.st_mtime_ns))
-            except OSError:
-                local = None
+            where = os.path.abspath(fs._strip_protocol(path))
+            with contextlib.suppress(OSError):
+                st = os.stat(where)
+                local = (where, st.st_size, (st.st_ino, st.st_mtime_ns))
     group: _Group | None = None
     cut: str | None = None  # the member whose data was being read
     problem: str | None = None
