@@ -749,13 +749,13 @@ def main(argv=None) -> int:
         print(f"  GPU utilisation during the fast runs (nvidia-smi, every 100 ms): mean {util:.0f}%")
     print(f"  image decoding: {scorer.image_decoding()}")
     print(f"  this process's threads, CPU seconds in the last round: {threads_line(fast_runs[-1][0])}")
-    for what, cpu, work, workers, verb in (
+    for what, cpu, does, workers, verb in (
             ("decoding processes", decode_cpu, "JPEG decode, resize, crop", scorer.decode_workers, "decode"),
             ("text processes", text_cpu, "masking, tokenising and, where they do it, token rows -> captions",
              scorer.text_workers, "handle")):
         if cpu[0]:
             per_image = 1000 * sum(cpu[:rounds]) / rounds / args.images
-            print(f"  {what}: {per_image:.2f} ms CPU per image ({work}): {workers} of them on free cores "
+            print(f"  {what}: {per_image:.2f} ms CPU per image ({does}): {workers} of them on free cores "
                   f"{verb} at most {1000 * workers / per_image:.0f} images/s")
     print(f"  scores in {fast_dir}")
     print(f"reference ({per}): {n_ref} images in {ref_s:.2f} s; stages: "

@@ -12,18 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, timeout=600):
+def _run(script, *args, timeout=600, cwd=ROOT):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
 def test_score_speed_with_a_sweep(tmp_path):
+    here = tmp_path / "cwd"
+    here.mkdir()
     out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "8", "--samples_per_shard", "4",
                "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4cti,4x0x1,4x0x1ms", "--sep_bias", "3",
-               "--work_dir", str(tmp_path))
+               "--work_dir", str(tmp_path / "work"), cwd=here)
     lines = out.strip().splitlines()
     ends = re.search(r"new tokens per caption, \[SEP\] included: ([\d.]+) on average", out)
     assert ends and float(ends.group(1)) < 16  # --sep_bias: captions end before max_length
@@ -47,6 +49,7 @@ def test_score_speed_with_a_sweep(tmp_path):
                      out)
     assert re.search(r"threads' CPU s: .*text [\d.]+.* of [\d.]+ s wall$", sweep[2])
     assert "FAILED" not in out
+    assert not any(here.iterdir())  # everything it wrote is under --work_dir, nothing where it ran
     stages = next(ln for ln in lines if ln.startswith("fast (1 round)"))
     for part in ("caption: decoding", "text: token rows -> captions", "text: MiniLM encode", "text_wait"):
         assert part in stages
