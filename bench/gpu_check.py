@@ -21,7 +21,9 @@ defaults differ (fused attention, half precision):
   ``encode``'s embeddings in the GPU's half precision, and the time of the forward for one
   batch's texts (256 images x 9 texts);
 - the engine end to end (tiny BLIP, 64 images): with decoding and text processes, the captioning
-  thread and the resize on the device, and with ``input_stream``, the same store as in line.
+  thread and the resize on the device, and with ``input_stream``, the same store as in line;
+- a CUDA graph capture that fails: a warning, the same tokens without the graph, and the thread
+  back on its own stream.
 """
 
 from __future__ import annotations
@@ -112,14 +114,14 @@ def _graph_timing(device, images=256, r=8) -> bool:
     return det and same
 
 
-def _tiny_greedy(device) -> bool:
-    """Tiny BLIP fp32 greedy tokens, fused attention and CUDA graph on and off, against transformers'."""
+def _tiny_peaked(device):
+    """A tiny random BLIP in fp32 whose captions end at varied lengths (peaked output biases), the
+    image embeddings of 12 photos, and transformers' greedy tokens for them (4 rows per image)."""
     import torch
 
     from bench.score_speed import random_blip
     from datacomp_sieve.caption import BlipCaptioner
 
-    ok = True
     model, tok, size = random_blip("tiny", 0)
     head = model.text_decoder.cls.predictions
     with torch.no_grad():
@@ -129,7 +131,16 @@ def _tiny_greedy(device) -> bool:
     px = _pixels(cap, device, 12)
     with torch.inference_mode():
         emb = cap.encode_images(px)
-        ref = _hf_greedy(cap, emb, 4)
+        return cap, emb, _hf_greedy(cap, emb, 4)
+
+
+def _tiny_greedy(device) -> bool:
+    """Tiny BLIP fp32 greedy tokens, fused attention and CUDA graph on and off, against transformers'."""
+    import torch
+
+    ok = True
+    cap, emb, ref = _tiny_peaked(device)
+    with torch.inference_mode():
         for fused in (False, True):
             for graphs in (False, True):
                 cap.sampler.fused_attention, cap.sampler.cuda_graphs = fused, graphs
@@ -141,6 +152,47 @@ def _tiny_greedy(device) -> bool:
                       f"({fast.shape[0]} rows, lengths {fast.shape[1]} vs {ref.shape[1]})")
     cap.sampler.fused_attention, cap.sampler.cuda_graphs = None, False
     return ok
+
+
+def _failed_capture(device) -> bool:
+    """A CUDA graph capture that fails (a host sync inside the step): the loop warns, gives
+    transformers' greedy tokens without the graph, and leaves this thread on the stream it was
+    on (torch's failed ``capture_end`` leaves it on the capture stream). Last of the checks: it
+    breaks a capture on purpose."""
+    import logging
+    from unittest import mock
+
+    import torch
+
+    from datacomp_sieve.decoding import _StaticLoop
+
+    if not str(device).startswith("cuda"):
+        print("failed capture: skipped (no CUDA device)")
+        return True
+    cap, emb, ref = _tiny_peaked(device)
+    step = _StaticLoop.step
+
+    def syncing(self):
+        step(self)
+        if torch.cuda.is_current_stream_capturing():
+            bool(self.running.any())  # a host sync: not allowed while capturing
+
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("datacomp_sieve.decoding").addHandler(handler)
+    before = torch.cuda.current_stream(device)
+    try:
+        with torch.inference_mode(), mock.patch.object(_StaticLoop, "step", syncing):
+            cap.sampler.cuda_graphs = True
+            fast = cap.sampler.generate(emb, 4, sample=False)
+    finally:
+        logging.getLogger("datacomp_sieve.decoding").removeHandler(handler)
+    same = fast.tolist() == ref.tolist()
+    stream = torch.cuda.current_stream(device) == before
+    print(f"failed capture: warned {bool(warned)} ({warned[0] if warned else ''}); tokens "
+          f"{'EQUAL' if same else 'DIFFERENT'} to transformers; back on the stream it was on: {stream}")
+    return bool(warned) and same and stream
 
 
 def _gpu_normalize(device) -> bool:
@@ -347,6 +399,7 @@ def main(argv=None) -> int:
                   _half_precision):
         ok &= _guarded(check, args.device)
     ok &= _guarded(_graph_timing, args.device, args.graph_images)
+    ok &= _guarded(_failed_capture, args.device)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -105,7 +105,9 @@ class ImageTransform:
         numbers."""
         import torch
 
-        x = batch.permute(0, 3, 1, 2).to(torch.float32)
+        # contiguous, as ``__call__``'s stacked tensors: a channels-last batch would send the
+        # ViT's patch convolution to other kernels on a GPU, whose half-precision sums can differ
+        x = batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         # divisors as tensors: CUDA turns division by a Python number into a multiplication by
         # its reciprocal, which can move the last bit
         full = torch.full((1, 1, 1, 1), 255.0, dtype=torch.float32, device=x.device)

@@ -279,7 +279,9 @@ class FastBlipSampler:
     def _generate_static(self, image_embeds, r: int, sample: bool):
         """``generate`` on a ``_StaticLoop``: rows are never compacted, every step has the same
         shapes; on CUDA the step is a CUDA graph (captured the first time a shape is seen)."""
-        key = (tuple(image_embeds.shape), image_embeds.dtype, str(image_embeds.device), r, sample)
+        # the attention kernel too: a graph replays the kernels it captured
+        key = (tuple(image_embeds.shape), image_embeds.dtype, str(image_embeds.device), r, sample,
+               self.fused_attention)
         loop = self._loops.pop(key, None)
         if loop is None:
             while len(self._loops) >= self.static_loops_kept:
@@ -381,9 +383,16 @@ class _StaticLoop:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.pos.fill_(self.first)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the text half may use the GPU from another thread meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.step()
+        before = torch.cuda.current_stream(dev)
+        try:
+            # thread_local: the text half may use the GPU from another thread meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.step()
+        finally:
+            # a capture that fails ends in torch's ``capture_end`` raising, which leaves this thread
+            # on the capture stream: the steps without a graph, and the batches after, must run on
+            # the stream they ran on before (the one the batches are prepared for)
+            torch.cuda.set_stream(before)
         self.graph = graph
 
     def run(self, image_embeds):
@@ -402,7 +411,8 @@ class _StaticLoop:
                 try:
                     self._capture()
                 except RuntimeError as e:  # the same tokens without the graph, only slower
-                    log.warning("CUDA graph capture failed (%s); decoding steps run without a graph", first_line(e))
+                    cause = e.__context__ or e  # what broke the capture, not capture_end's complaint
+                    log.warning("CUDA graph capture failed (%s); decoding steps run without a graph", first_line(cause))
                     self.use_graph, self.graph = False, None
         self.load(image_embeds)
         cur = self.first

@@ -714,7 +714,10 @@ class ShardScorer:
             # the scorer's GPU as this thread's current device (CUDA graphs capture on a stream of it)
             with torch.cuda.device(cfg.device) if self.on_gpu else contextlib.nullcontext():
                 if ready is not None:  # the batch was moved and prepared on the input stream
-                    torch.cuda.current_stream().wait_event(ready)
+                    here = torch.cuda.current_stream()
+                    here.wait_event(ready)
+                    if stacked.is_cuda:  # used on this stream: not freed before it is done
+                        stacked.record_stream(here)
                 captions = self.captioner.start_captions(stacked, cfg.num_captions, generator=gen)
             timings["caption"] += time.time() - t  # only this function's thread writes this key
             return captions
@@ -761,8 +764,6 @@ class ShardScorer:
             if stream is not None:  # the captioning waits for this stream's work, not for the host
                 ready = torch.cuda.Event()
                 ready.record(stream)
-                if stacked.is_cuda:  # used on the captioning thread's stream: not freed before it is done
-                    stacked.record_stream(torch.cuda.current_stream(stacked.device))
             prep_s += time.time() - t
             if cap_thread is not None:
                 handed((idx, images, texts, stacked, ready))

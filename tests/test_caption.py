@@ -70,6 +70,20 @@ def test_preprocess_equals_open_clip_validation_transform(photos):
         assert torch.equal(got, want)
 
 
+def test_uint8_crops_normalised_are_the_transform_s_tensors(photos):
+    """Decoding processes send uint8 crops, finished by ``normalize``: the same numbers as the
+    transform, and the same layout (a channels-last batch would take other convolution kernels)."""
+    import numpy as np
+
+    from datacomp_sieve.caption import ImageTransform
+
+    t = ImageTransform(64)
+    ims = [photos[k] for k in ("chelsea", "camera", "flower")]
+    want = torch.stack([t(im) for im in ims])
+    got = t.normalize(torch.from_numpy(np.stack([t.to_uint8(im) for im in ims])))
+    assert got.dtype == want.dtype and got.stride() == want.stride() and torch.equal(got, want)
+
+
 def test_preprocess_pickles_for_loader_workers():
     import pickle
 

@@ -281,6 +281,12 @@ def test_fixed_shape_loop_samples_what_the_growing_loop_samples(pixels):
     fast.sampler.static_loops_kept = 1
     assert torch.equal(_samples(fast, pixels[:5], 30, seed=5), _samples(fast, pixels[:5], 30, seed=5))
     assert len(fast.sampler._loops) == 1
+    # a graph replays the attention kernels it captured: the other attention gets a loop of its own
+    (unfused,) = fast.sampler._loops.values()
+    fast.sampler.fused_attention = True
+    _samples(fast, pixels[:5], 30, seed=5)
+    assert list(fast.sampler._loops.values()) != [unfused]
+    fast.sampler.fused_attention = None
     assert not torch.equal(_samples(fast, pixels[:6], 30, seed=1), want[0])
     # other draws for a seed than the growing loop's (no compaction): score stores must tell them apart
     assert fast.identity()["decoding"] != build_captioner("tiny", device="cpu").identity()["decoding"]
