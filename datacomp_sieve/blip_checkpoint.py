@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-from .errors import UserError
+from .errors import UserError, error_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -438,8 +438,9 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict:
             f"{path} cannot be read with torch.load(weights_only=True), and this tool does not "
             f"unpickle arbitrary objects from downloaded files: {_weights_only_reason(path, e)}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is not a readable torch checkpoint (truncated download?): {e}") from None
+    except Exception as e:  # noqa: BLE001 - a text file or a cut download fails deep in pickle (KeyError, IndexError, ...)
+        raise UserError(f"{path} is not a readable torch checkpoint (truncated download, or another kind of "
+                        f"file?): {error_line(e)}") from None
     return unwrap_checkpoint(obj)
 
 

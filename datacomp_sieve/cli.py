@@ -45,7 +45,7 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     from .filters import FILTERS
 
     names = "\n".join(f"  {k}: {v.help}" for k, v in FILTERS.items())
-    p.add_argument("--name", required=True, choices=list(FILTERS), metavar="NAME",
+    p.add_argument("--name", required=True, metavar="NAME",
                    help="the filter to apply:\n" + names)
     p.add_argument("--metadata_dir", help="the pool's metadata folder of .parquet files (local path or fsspec URL)")
     p.add_argument("--save_path", required=True, help="output .npy path (local; '.npy' is appended if missing)")
@@ -78,10 +78,19 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(scoring)
 
 
+#: DataComp's other baseline names (its baselines.py), which this tool points to instead of running
+DATACOMP_ONLY = ("basic", "text_based", "image_based", "image_based_intersect_clip_score", "laion2b")
+
+
 def run_filter(args: argparse.Namespace) -> int:
     from .filters import FILTERS, FilterOptions
     from .uids import SubsetWriter
 
+    if args.name not in FILTERS:
+        if args.name in DATACOMP_ONLY:
+            raise UserError(f"--name {args.name} is one of DataComp's baselines that this tool does not run; use "
+                            f"DataComp's baselines.py for it")
+        raise UserError(f"unknown --name {args.name!r}; one of {', '.join(FILTERS)}")
     if args.image_based_scale is not None:
         raise UserError("--image_based_scale belongs to DataComp's image_based baselines; run those with DataComp's baselines.py")
     if args.num_workers is not None:
@@ -98,14 +107,30 @@ def run_filter(args: argparse.Namespace) -> int:
     )
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UserError(f"--tmp_dir {args.tmp_dir} is not a folder")
+    if args.name in ("clip_score", "no_filter") and (args.weights or args.clip_from != "metadata"):
+        raise UserError(f"--weights and --clip_from are for the Sieve names; {args.name} is DataComp's baseline on "
+                        f"the metadata alone")
     if args.alpha is not None and args.name != "sieve_clip":
         raise UserError("--alpha is the CLIPScore weight of sieve_clip; it does nothing for " + args.name)
+    if not args.save_path.strip():
+        raise UserError("--save_path is empty; give a file name such as subset.npy")
     if args.save_path.endswith(os.sep) or os.path.isdir(args.save_path):
         raise UserError(f"--save_path {args.save_path} is a folder; give a file name such as subset.npy")
+    above = os.path.dirname(os.path.abspath(args.save_path))
+    while not os.path.exists(above):  # folders that do not exist yet are made when writing
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):  # checked now, not after the whole selection has run
+        raise UserError(f"--save_path {args.save_path} cannot be written: {above} is a file, not a folder")
     if args.name == "sieve_clip" and opts.clip_from == "metadata" and not opts.weights and opts.metadata_dir:
         _clip_from_store_when_metadata_lacks_it(args, opts)
     if FILTERS[args.name].needs_scores and args.shards_dir:
         _complete_store(args, opts)
+    if FILTERS[args.name].needs_scores and opts.scores_dir:
+        from .store import ScoreStore
+
+        gap = ScoreStore(opts.scores_dir).gaps()
+        if gap:
+            log.warning("%s; selecting from the rest (with --shards_dir the missing ones are scored first)", gap)
     t0 = time.time()
     log.info("running %s", args.name)
     sel = FILTERS[args.name].run(opts)
@@ -137,21 +162,31 @@ def _complete_store(args: argparse.Namespace, opts) -> None:
     """Sieve names with --shards_dir: score what the store lacks (all of it, the first time)."""
     from .score import ScoreConfig, score_pool
     from .shards import list_shards
-    from .store import ScoreStore
+    from .store import ScoreStore, differences
 
     if not opts.scores_dir:
         opts.scores_dir = os.path.join(os.path.dirname(os.path.abspath(args.shards_dir.rstrip("/"))), "sieve_scores")
         log.info("no --scores_dir given: the score store is %s", opts.scores_dir)
     store = ScoreStore(opts.scores_dir)
-    missing = store.missing([s.stem for s in list_shards(args.shards_dir)])
-    if not missing:
-        return
     config = _score_config(args)
     old = store.config()
     if old is not None and not args.overwrite:
-        config = ScoreConfig(**old["config"])  # finish the store with the settings that began it
-        log.info("completing %s with its own settings (captioner %s)", opts.scores_dir, config.captioner)
-    log.info("%d shard(s) to score before selecting", len(missing))
+        # the scoring flags describe the store the selection must use: a store made otherwise (another
+        # captioner, fewer captions, ...) is refused, as ``score`` refuses it; flags left to the device
+        # (device, precision, batch size) take the store's values
+        from dataclasses import asdict
+
+        asked = {k: v for k, v in asdict(config).items() if v is not None}
+        diff = differences({k: old["config"].get(k) for k in asked}, asked)
+        if diff:
+            raise UserError(f"{opts.scores_dir} holds scores made with other settings than the scoring flags "
+                            f"give ({diff}); give the store's settings, leave out --shards_dir to select from "
+                            f"the store as it is, or --overwrite to score it again")
+        config = ScoreConfig(**old["config"])  # finish the store on the device settings that began it
+    missing = store.missing([s.stem for s in list_shards(args.shards_dir)])
+    if missing:
+        log.info("%d shard(s) to score before selecting", len(missing))
+    # also when every shard has a score file: one made from a tar that has changed since is redone
     score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress,
                engine=_engine(args, config))
 
@@ -217,7 +252,8 @@ def run_toy_pool(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
+def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, store: bool = True) -> None:
+    """The scoring flags; ``store``: also those of a score store (per-shard seeds, --overwrite)."""
     from .caption import CAPTIONERS
 
     p.add_argument("--captioner", default="blip-base-14m", metavar="NAME|PATH|URL",
@@ -246,8 +282,10 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True) -> 
     if with_batch:
         p.add_argument("--batch_size", type=int, default=None,
                        help="images per captioning call (default 16 on the CPU, as the reference; 256 on GPUs)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; each shard draws from its own stream")
-    p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
+    p.add_argument("--seed", type=int, default=0, help="random seed; each shard draws from its own stream"
+                   if store else "random seed of the sampled captions")
+    if store:
+        p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,8 +334,13 @@ def run_score(args: argparse.Namespace) -> int:
     m = score_pool(args.shards_dir, args.scores_dir, config, overwrite=args.overwrite,
                    progress=not args.quiet, engine=_engine(args, config))
     status = ", ".join(f"{v} {k}" for k, v in sorted(m["status"].items()))
-    print(f"scored {m['rows']} samples in {m['shards']} shards into {args.scores_dir} ({status}); "
+    print(f"{args.scores_dir}: {m['rows']} samples scored in {m['shards']} shards ({status}); "
           f"manifest: {args.scores_dir}/manifest.json")
+    cut = m.get("truncated") or {}
+    if cut:  # samples after the break are not in the store: the download may want a retry
+        first = next(iter(cut))
+        print(f"{len(cut)} shard(s) cut short or unreadable, scored up to the break (e.g. {first}: {cut[first]}); "
+              f"listed in the manifest's 'truncated'; a tar downloaded again is scored again")
     return 0
 
 
@@ -321,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--scores_dir", required=True, help="the score store to write (one parquet per shard)")
     add_score_arguments(sc)
     add_engine_arguments(sc)
-    sc.add_argument("--quiet", action="store_true")
+    sc.add_argument("--quiet", action="store_true", help="no progress bars")
     sc.set_defaults(func=run_score)
 
     e = sub.add_parser("explain", help="caption one image and score alt-texts against it",
@@ -331,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image", required=True, help="an image file")
     e.add_argument("--text", action="append", required=True, help="an alt-text (repeat for several)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    add_score_arguments(e, with_batch=False)
+    add_score_arguments(e, with_batch=False, store=False)
     e.set_defaults(func=run_explain, batch_size=1)
 
     d = sub.add_parser("demo", help="toy pool -> scores -> subset, and what was kept and dropped",
@@ -341,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out; a previous demo there is replaced)")
     d.add_argument("--captioner", default=None, help="force a captioner (e.g. label, tiny, blip-base-14m)")
     d.add_argument("--fraction", type=float, default=0.2, help="fraction kept (default 0.2)")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
     r = sub.add_parser("report", help="an HTML report of what Sieve keeps and drops",
@@ -371,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("pool-info", help="how a pool's metadata and downloaded shards match up",
                        description="Count metadata rows, downloaded samples, and what is missing on either side "
                                    "(metadata rows without a sample are failed downloads: normal).")
-    c.add_argument("--metadata_dir", required=True)
-    c.add_argument("--shards_dir", required=True)
+    c.add_argument("--metadata_dir", required=True, help="the pool's metadata folder of .parquet files")
+    c.add_argument("--shards_dir", required=True, help="the pool's downloaded shards ({:08d}.tar)")
     c.set_defaults(func=run_pool_info)
 
     t = sub.add_parser("toy-pool", help="build a small real pool with DataComp's layout",
@@ -385,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "meaningless values, for tests), openai (real ViT-B-32/ViT-L-14 weights, if cached)")
     t.add_argument("--samples_per_shard", type=int, default=40,
                    help="samples per shard (DataComp uses 10000; small here so the toy pool has several shards)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=run_toy_pool)
 
     from .harness.cli import add_parsers  # reshard, train, evaluate, reproduce, compare, submit
@@ -419,6 +462,8 @@ def _setup_logging() -> None:
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
+    if getattr(args, "quiet", False):  # the model loaders' bars too (read when transformers is imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except UserError as e:

@@ -63,6 +63,8 @@ def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, 
     from .toy_pool import build_toy_pool, rows_by_uid
 
     out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a new or empty folder")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise UserError(f"{out} exists and is not a demo folder; give a new or empty --out")

@@ -24,15 +24,9 @@ import os
 import traceback
 from dataclasses import asdict
 
-from .errors import UserError, first_line
+from .errors import UserError, error_line, first_line
 
 log = logging.getLogger(__name__)
-
-
-def error_line(e: BaseException) -> str:
-    """One line naming an exception: ``Type: first line of the message``."""
-    name = type(e).__name__
-    return f"{name}: {first_line(e)}" if str(e).strip() else name
 
 
 def _scorer_factory(factory):
@@ -413,8 +407,9 @@ class RayEngine:
             address = None if self.address in (None, "", "local") else self.address
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=True)
-            except ConnectionError as e:
-                raise UserError(f"cannot reach the Ray cluster at --address {self.address}: {e}") from None
+            except (ConnectionError, ValueError) as e:  # ValueError: an address Ray cannot parse
+                raise UserError(f"cannot reach the Ray cluster at --address {self.address} (auto, local or "
+                                f"HOST:PORT): {first_line(e)}") from None
             self._owns_ray = True
         return ray
 
@@ -544,6 +539,8 @@ def _protocols(fs) -> tuple:
 def build_engine(name: str, config, *, scorer=None, address: str | None = "auto", gpus_per_worker: float = 1,
                  cpus_per_worker: float = 1, max_retries: int = 3, scorer_factory=None):
     """The engine a ``--engine`` name asks for."""
+    if max_retries < 0:
+        raise UserError(f"--max_retries must be 0 or more, got {max_retries}")
     if name == "local":
         return local_engine(config, scorer=scorer, max_retries=max_retries, scorer_factory=scorer_factory)
     if name == "ray":

@@ -9,3 +9,9 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def error_line(e: BaseException) -> str:
+    """One line naming an exception: ``Type: first line of the message``."""
+    name = type(e).__name__
+    return f"{name}: {first_line(e)}" if str(e).strip() else name

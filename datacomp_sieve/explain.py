@@ -19,6 +19,8 @@ def explain(image_path: str, texts: list[str], config) -> dict:
 
     if not texts:
         raise UserError("give at least one --text")
+    if os.path.isdir(image_path):
+        raise UserError(f"--image {image_path} is a folder; give one image file")
     if not os.path.isfile(image_path):
         raise UserError(f"image not found: {image_path}")
     with open(image_path, "rb") as f:

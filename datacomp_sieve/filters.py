@@ -59,7 +59,8 @@ def _store(opts: FilterOptions) -> ParquetFolder:
 def _clip_term(opts: FilterOptions, weight: float) -> Term:
     if opts.clip_from == "store":
         store = _store(opts)
-        store.require([STORE_CLIP_COLUMN], "score the pool with CLIPScore or use --clip_from metadata")
+        store.require([STORE_CLIP_COLUMN], "score the pool with CLIPScore (--clip_model, with --shards_dir and "
+                      "--overwrite for a store made without it), or take it from metadata that has it")
         return Term("clip", store, STORE_CLIP_COLUMN, weight)
     meta = _metadata(opts)
     column = CLIP_COLUMNS[opts.arch]

@@ -164,10 +164,17 @@ class _Kept:
     """Membership in a DataComp subset file, by binary search in the (sorted) memmap."""
 
     def __init__(self, path):
-        from .uids import read_subset
+        from .uids import read_subset, require_sorted
 
         self.path = str(path)
         self.pairs = read_subset(path)
+        require_sorted(self.pairs, f"subset {path}")
+
+    def unique(self) -> int:
+        p = self.pairs
+        if len(p) < 2:
+            return len(p)
+        return len(p) - int(np.sum((p["f0"][1:] == p["f0"][:-1]) & (p["f1"][1:] == p["f1"][:-1])))
 
     def __call__(self, keys) -> np.ndarray:
         from .uids import keys_to_pairs
@@ -363,6 +370,9 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     has_clip = clip_source is not None
     store_obj = ScoreStore(scores_dir)
     manifest = store_obj.manifest() or store_obj.config() or {}
+    gap = store_obj.gaps()
+    if gap:
+        log.warning("%s", gap)
     config = manifest.get("config") or {}
 
     table = open_table(terms, tmp_dir, progress)
@@ -401,6 +411,10 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
         kept_n = _stream(table, fusion, kept_of, thr, first, rng, progress, "report: histograms")
         scored = sel.scored
         frac = fraction if kept_of is None else kept_n / scored
+        absent = 0 if kept_of is None else kept_of.unique() - kept_n
+        if absent:
+            log.warning("%d of the subset's %d uids are not among the %d scored samples of %s", absent,
+                        kept_of.unique(), scored, scores_dir)
         n_alone = int(scored * frac)
         if has_clip and n_alone < scored:
             for s in (scores["sieve"], scores["clip"]):
@@ -456,7 +470,10 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
                              **({} if k == "scatter" else {"uids": [u.hex() for u, _ in s.rows()]})}
                          for k, s in sec.items()},
             "thumbnails": sum(1 for t in thumbs.values() if "file" in t),
-            "notes": list(notes or []) + _automatic_notes(config, clip_source, terms, models=notes is None),
+            "notes": list(notes or []) + _automatic_notes(config, clip_source, terms, models=notes is None) + (
+                [f"{absent:,} of the subset's {kept_of.unique():,} uids are not among the scored samples here (a "
+                 f"subset of another pool, or shards not scored yet): kept counts only those that are."]
+                if absent else []) + ([gap[0].upper() + gap[1:] + "."] if gap else []),
             "selection_notes": list(sel.notes),
             "masking": masking,
             "captioner": config.get("captioner"),

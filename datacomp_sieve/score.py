@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import threading
 import time
 import weakref
@@ -51,6 +52,8 @@ class ScoreConfig:
 
             has_gpu = torch.cuda.is_available()
         device = self.device or ("cuda" if has_gpu else "cpu")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
         if device.startswith("cuda") and not has_gpu:
             raise UserError(f"--device cuda was asked for, but {where} no GPU; use --device cpu")
         precision = self.precision or ("fp16" if device.startswith("cuda") else "fp32")
@@ -62,7 +65,8 @@ class ScoreConfig:
             raise UserError(f"--decoding must be fast or reference, got {self.decoding}")
         if self.num_captions < 1:
             raise UserError(f"--num_captions must be at least 1, got {self.num_captions}")
-        batch_size = self.batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else 16)
+        batch_size = GPU_BATCH_SIZE if device.startswith("cuda") else 16
+        batch_size = batch_size if self.batch_size is None else self.batch_size
         if batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, got {batch_size}")
         return ScoreConfig(**{**asdict(self), "device": device, "precision": precision, "batch_size": batch_size})
@@ -824,6 +828,7 @@ class ShardScorer:
         report = getattr(shard, "report", None)
         stats = {
             "shard": shard.stem,
+            "tar_bytes": getattr(shard, "size", None),  # a tar of another size is scored again
             "rows": table.num_rows,
             "status": counts,
             "seconds": round(time.time() - t0, 3),
@@ -885,12 +890,17 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     store = ScoreStore(scores_dir)
     engine = engine or InProcessEngine(scorer)
     cfg = engine.resolve(config)
-    old = store.config()
-    if old is not None and old.get("config") != cfg.identity() and not overwrite:
-        store.open_for({"config": cfg.identity()}, overwrite=False)  # raises with the differing keys
+    store.check({"config": cfg.identity()}, overwrite)  # before the models load
+    by_stem = {s.stem: s for s in shards}
+    known = {} if overwrite else store.stats_of(sorted(store.completed() & set(by_stem)))
+    todo = [s.stem for s in shards if not _scored(s, known)]
+    if not todo and store.manifest() is not None:
+        log.info("all %d shards are already scored in %s: nothing to do", len(shards), scores_dir)
+        engine.close()
+        # the file keeps the last scoring run's details; the caller learns what this one did
+        return {**store.manifest(), "run": {"shards_scored": 0, "shards_skipped": len(shards), "shards_failed": 0}}
     t0 = time.time()
-    pending = len(shards) if overwrite else len(store.missing([s.stem for s in shards]))
-    models = engine.start(cfg, n_shards=pending)
+    models = engine.start(cfg, n_shards=len(todo))
     load_s = time.time() - t0
     # The captioner's description names its weights (and their sha256); the text encoder's says
     # where the same weights came from (hub or bundled copy), so it goes to the manifest only.
@@ -900,8 +910,8 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     except BaseException:
         engine.close()
         raise
-    todo = store.missing([s.stem for s in shards])
-    by_stem = {s.stem: s for s in shards}
+    if overwrite:  # open_for deleted every score file
+        todo = [s.stem for s in shards]
     skipped = len(shards) - len(todo)
     if skipped:
         log.info("resuming: %d of %d shards are already scored in %s", skipped, len(shards), scores_dir)
@@ -917,7 +927,10 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
         bar.close()
         engine.close()
     done = [s.stem for s in shards if s.stem not in failed]
-    manifest = build_manifest(store, done, {**identity, "models": models})
+    new = set(todo)
+    known = {k: v for k, v in known.items() if k not in new}  # the shards scored again have new stats
+    manifest = build_manifest(store, done, {**identity, "models": models}, {**known, **store.stats_of(
+        [s for s in done if s not in known])})
     manifest["failed"] = dict(sorted(failed.items()))
     manifest["run"] = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped,
                        "shards_failed": len(failed), "model_load_seconds": round(load_s, 3),
@@ -941,14 +954,38 @@ class ShardsFailed(UserError):
                          f"{manifest['store']} (errors in manifest.json); rerun to retry the failed ones")
 
 
-def build_manifest(store, stems: list[str], identity: dict) -> dict:
-    """Counts and timings of the whole store, from each shard file's own statistics."""
+def _scored(shard, known: dict) -> bool:
+    """Whether the store's file for this shard holds its scores: there is one, it can be read, and
+    it was made from a tar of the size this one has (a tar downloaded again after a truncated
+    download, or another pool's shard of the same name, is scored again)."""
+    if shard.stem not in known:
+        return False
+    stats = known[shard.stem]
+    if stats is None:
+        log.warning("shard %s: its score file cannot be read; scoring it again", shard.stem)
+        return False
+    then = stats.get("tar_bytes")
+    if then is not None and shard.size is not None and then != shard.size:
+        log.warning("shard %s changed since it was scored (%d bytes then, %d now); scoring it again",
+                    shard.stem, then, shard.size)
+        return False
+    return True
+
+
+def build_manifest(store, stems: list[str], identity: dict, stats: dict | None = None) -> dict:
+    """Counts and timings of the whole store, from each shard file's own statistics (``stats``:
+    those already read, by stem); shards whose tar was cut short or unreadable are listed in
+    ``truncated`` with the reason."""
     counts: dict = {}
     rows = 0
     timings: dict = {}
     tar: dict = {}
+    truncated: dict = {}
+    stats = stats if stats is not None else store.stats_of(stems)
     for stem in stems:
-        st = store.shard_stats(stem)
+        st = stats.get(stem) or {}
+        if (st.get("tar") or {}).get("truncated"):
+            truncated[stem] = st["tar"].get("error") or "truncated"
         rows += st.get("rows", 0)
         for k, v in st.get("status", {}).items():
             counts[k] = counts.get(k, 0) + v
@@ -958,4 +995,4 @@ def build_manifest(store, stems: list[str], identity: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 tar[k] = tar.get(k, 0) + v
     return {"store": store.url, "shards": len(stems), "rows": rows, "status": counts, "timings": timings,
-            "tar": tar, **identity}
+            "tar": tar, "truncated": truncated, **identity}

@@ -406,7 +406,8 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
     notes = list(table.notes)
     for name, k in lacking.items():
         if k:
-            notes.append(f"{k} row(s) have no {name} score and are left out")
+            notes.append(f"{k} row(s) have no {name} score: counted in N and ranked last, as DataComp does"
+                         if count_missing else f"{k} row(s) have no {name} score and are left out")
 
     # the threshold
     if fraction is not None:

@@ -817,7 +817,9 @@ def shard_uids(shard: Shard) -> dict | None:
             return None
     try:
         with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=["uid", "status"]).to_pydict()
+            # one thread: pyarrow reading a Python file object on its thread pool can abort the
+            # interpreter at exit ("terminate called without an active exception")
+            t = pq.read_table(f, columns=["uid", "status"], use_threads=False).to_pydict()
     except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds; a missing column too
         log.warning("shard %s: cannot use %s (%s); reading the tar instead", shard.stem, path, e)
         return None

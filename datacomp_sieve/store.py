@@ -9,11 +9,14 @@ Resume is a property of the store, not of whatever engine runs the shards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from typing import Iterable
 
-from .errors import UserError
+from .errors import UserError, error_line
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
@@ -37,6 +40,23 @@ def schema(with_clip: bool):
     return pa.schema(fields)
 
 
+def differences(old: dict, new: dict, most: int = 4) -> str:
+    """The settings that differ, as ``key: old -> new`` (nested keys dotted), the first ``most``."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:most]]
+    return "; ".join(shown) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
+
+
 class ScoreStore:
     def __init__(self, url: str):
         import fsspec
@@ -51,19 +71,32 @@ class ScoreStore:
         return self._path(f"{stem}.parquet")
 
     # -- configuration -------------------------------------------------------------------------
+    def check(self, config: dict, overwrite: bool = False) -> None:
+        """Refuse, before anything is loaded or written: a file; a folder that is not empty and is not
+        a score store (it could be the pool's metadata or shards: never write into or delete from
+        it); a store made with settings other than ``config``'s (the keys ``config`` has), unless
+        overwriting."""
+        if not self.fs.exists(self.root):
+            return
+        if not self.fs.isdir(self.root):
+            raise UserError(f"--scores_dir {self.url} is a file, not a folder")
+        old = self.config()
+        if old is None:
+            names = sorted(n for n in (os.path.basename(str(p)) for p in self.fs.ls(self.root, detail=False))
+                           if not n.startswith(TMP_PREFIX))
+            if names:
+                raise UserError(f"--scores_dir {self.url} is not a score store (no {CONFIG}) and is not empty "
+                                f"({len(names)} entries, e.g. {names[0]}); give a new or empty folder")
+            return
+        diff = differences({k: old.get(k) for k in config}, config)
+        if diff and not overwrite:
+            raise UserError(f"{self.url} holds scores made with other settings ({diff}); use another "
+                            f"--scores_dir, or --overwrite to delete them and start again")
+
     def open_for(self, config: dict, overwrite: bool = False) -> "ScoreStore":
         """Prepare the store for a run with ``config``; refuse a different one unless overwriting."""
-        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
-            raise UserError(f"--scores_dir {self.url} is a file, not a folder")
+        self.check(config, overwrite)
         self.fs.makedirs(self.root, exist_ok=True)
-        old = self.config()
-        if old is not None and old != config:
-            if not overwrite:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise UserError(
-                    f"{self.url} holds scores made with other settings ({', '.join(diff)}); use another "
-                    f"--scores_dir, or --overwrite to delete them and start again"
-                )
         if overwrite:
             for p in self.fs.ls(self.root, detail=False):
                 name = os.path.basename(str(p))
@@ -126,11 +159,37 @@ class ScoreStore:
             meta = pq.ParquetFile(f).schema_arrow.metadata or {}
         return json.loads(meta.get(b"datacomp_sieve", b"{}"))
 
+    def stats_of(self, stems: list[str]) -> dict:
+        """``shard_stats`` of many shards, read side by side (a footer each: round trips on object
+        stores); a file that cannot be read gives ``None``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(stem):
+            try:
+                return self.shard_stats(stem)
+            except Exception as e:  # noqa: BLE001 - a broken score file is scored again, not fatal
+                log.warning("score file of shard %s cannot be read (%s)", stem, error_line(e))
+                return None
+
+        with ThreadPoolExecutor(16) as pool:
+            return dict(zip(stems, pool.map(read, stems)))
+
     def read_shard(self, stem: str):
         import pyarrow.parquet as pq
 
         with self.fs.open(self.shard_path(stem), "rb") as f:
-            return pq.read_table(f)
+            return pq.read_table(f, use_threads=False)  # see shards.shard_uids
+
+    def gaps(self) -> str | None:
+        """A sentence when fewer score files are here than the manifest counts (files moved or
+        deleted since): a selection from the store would silently miss those shards' samples."""
+        m = self.manifest() or {}
+        counted = m.get("shards")
+        have = len(self.completed())
+        if isinstance(counted, int) and have < counted:
+            return (f"the score store {self.url} has {have} score files but its manifest counts {counted} scored "
+                    f"shards: the samples of {counted - have} shard(s) are missing from it (moved or deleted?)")
+        return None
 
     def write_manifest(self, manifest: dict) -> None:
         tmp = self._path(f"{TMP_PREFIX}{MANIFEST}")

@@ -236,6 +236,18 @@ def write_subset(save_path: str | os.PathLike, keys: np.ndarray) -> tuple[Path, 
     return w.write(save_path)
 
 
+def require_sorted(pairs: np.ndarray, what: str) -> None:
+    """Refuse a ``u8,u8`` subset that is not in ascending order: DataComp's resharder (and this
+    tool) find uids in it by binary search, so an unsorted file silently matches almost nothing."""
+    if len(pairs) < 2:
+        return
+    hi, lo = pairs[pairs.dtype.names[0]], pairs[pairs.dtype.names[1]]
+    ascending = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))
+    if not bool(np.all(ascending)):
+        raise UserError(f"{what} is not sorted: DataComp's resharder (and this tool) find uids by binary "
+                        "search; write it with `datacomp-sieve filter` or np.sort it first")
+
+
 def read_subset(path: str | os.PathLike) -> np.ndarray:
     """Read a subset file: an ``.npy`` of dtype ``u8,u8`` or a raw memmap of that dtype."""
     path = Path(path)

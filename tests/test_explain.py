@@ -70,3 +70,5 @@ def test_explain_user_errors(tmp_path):
     bad.write_bytes(b"<html>")
     r = run_cli("explain", "--image", str(bad), "--text", "x", "--captioner", "label")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot use" in r.stderr
+    r = run_cli("explain", "--image", str(tmp_path), "--text", "x", "--captioner", "label")
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"--image {tmp_path} is a folder; give one image file")

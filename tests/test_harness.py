@@ -261,3 +261,8 @@ def test_reproduce_dry_run_prints_commands_and_estimate(clone, tmp_path, capsys)
     # the two Sieve rows also say what scoring the pool costs, from the measured H100 rate
     assert out.count("Sieve scoring of the pool") == 2 and "~94 GPU-hours" in out
     assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "r").exists()
+    # another captioner: its scores go to a store named after it, never to the BLIP rows' store
+    assert main(["reproduce", "table1-medium", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "r"),
+                 "--datacomp", str(clone), "--datacomp_python", sys.executable, "--dry-run", "--captioner", "label"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("sieve_scores/label-r8-all-MiniLM-L6-v2 ") == 2 and "sieve_scores/blip" not in out

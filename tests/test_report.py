@@ -171,6 +171,14 @@ def test_subset_decides_what_is_kept(synth, tmp_path):
     assert set(s["sections"]["kept_top"]["uids"]) <= set(chosen)
     assert not set(s["sections"]["dropped_bottom"]["uids"]) & set(chosen)
     assert "uids in" in s["selection"]
+    absent = len(failed) + len(strangers)
+    assert [n for n in s["notes"] if "not among the scored" in n] == [
+        f"{absent} of the subset's {s['counts']['subset_uids']} uids are not among the scored samples here (a "
+        "subset of another pool, or shards not scored yet): kept counts only those that are."]
+    # an unsorted file would match almost nothing by binary search: refused, as the resharder refuses it
+    np.save(tmp_path / "unsorted.npy", np.load(tmp_path / "sub.npy")[::-1])
+    with pytest.raises(UserError, match="is not sorted"):
+        write_report(str(root / "store"), None, tmp_path / "r2", subset=str(tmp_path / "unsorted.npy"), progress=False)
 
 
 def test_sieve_alone_when_there_is_no_clipscore(tmp_path):
@@ -530,6 +538,14 @@ def test_report_in_headless_chromium(injected, chromium, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # the demo
+
+
+def test_demo_refuses_a_file_as_its_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["demo", "--out", str(tmp_path / "notes.txt"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file; give a new or empty folder" in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_demo_writes_the_report_and_says_what_it_used(tmp_path, monkeypatch, capsys):

@@ -88,8 +88,73 @@ def test_same_seed_same_scores_and_config_guard(toy_pool, store, scorer, tmp_pat
     score_pool(str(toy_pool / "shards"), str(again), label_config(), progress=False, scorer=scorer)
     for a, b in zip(sorted(Path(store).glob("*.parquet")), sorted(again.glob("*.parquet"))):
         assert pq.read_table(a).equals(pq.read_table(b))
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"other settings \(config.num_captions: 8 -> 4\)"):
         score_pool(str(toy_pool / "shards"), str(again), label_config(num_captions=4), progress=False)
+
+
+def test_score_flag_errors_are_one_line(toy_pool, tmp_path, capsys):
+    from datacomp_sieve import cli
+
+    (tmp_path / "fake.pth").write_text("a text file, not a checkpoint")
+    (tmp_path / "file").write_text("x")
+    base = ["score", "--shards_dir", str(toy_pool / "shards"), "--quiet"]
+    for extra, message in [
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cpu", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--device", "cpu", "--max_retries", "-1"], "--max_retries must be 0 or more, got -1"),
+        (["--device", "cpu", "--captioner", str(tmp_path / "fake.pth")], "is not a readable torch checkpoint"),
+        (["--scores_dir", str(tmp_path / "file")], "is a file, not a folder"),
+    ]:
+        extra = extra if "--scores_dir" in extra else extra + ["--scores_dir", str(tmp_path / "s")]
+        assert cli.main(base + extra) == 2, extra
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("datacomp_sieve")
+               and "Loading weights" not in line]
+        assert len(err) == 1 and message in err[0], (extra, err)
+
+
+def test_a_folder_that_is_not_a_store_is_never_written_or_deleted(toy_pool, tmp_path):
+    """--scores_dir given the pool's metadata (or any folder with files and no config.json): refused
+    before any model loads, with --overwrite too, and nothing in it is touched."""
+    import shutil
+
+    meta = tmp_path / "metadata"
+    shutil.copytree(toy_pool / "metadata", meta)
+    before = sorted((p.name, p.stat().st_size) for p in meta.iterdir())
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="is not a score store"):
+            score_pool(str(toy_pool / "shards"), str(meta), label_config(), overwrite=overwrite, progress=False)
+    assert sorted((p.name, p.stat().st_size) for p in meta.iterdir()) == before
+
+
+def test_a_shard_whose_tar_changed_is_scored_again(toy_pool, store, tmp_path, monkeypatch, caplog):
+    """Resume trusts a score file only for the tar it was made from: a tar cut short (then downloaded
+    again), or an unreadable score file, is scored again; a finished store loads no model."""
+    import shutil
+
+    from datacomp_sieve.engines import InProcessEngine
+
+    shards, copy = tmp_path / "shards", tmp_path / "store"
+    shutil.copytree(toy_pool / "shards", shards)
+    shutil.copytree(store, copy)
+    whole = (shards / "00000001.tar").read_bytes()
+    (shards / "00000001.tar").write_bytes(whole[: len(whole) // 2])
+    (copy / "00000002.parquet").write_bytes(b"not parquet")
+    m = score_pool(str(shards), str(copy), label_config(), progress=False)
+    assert m["run"]["shards_skipped"] == 1 and m["run"]["shards_scored"] == 2
+    assert "shard 00000001 changed since it was scored" in caplog.text
+    assert "score file of shard 00000002 cannot be read" in caplog.text
+    assert list(m["truncated"]) == ["00000001"] and m["status"].get("truncated", 0) >= 1
+    (shards / "00000001.tar").write_bytes(whole)  # downloaded again
+    m = score_pool(str(shards), str(copy), label_config(), progress=False)
+    assert m["run"]["shards_scored"] == 1 and m["truncated"] == {}
+    for a, b in zip(sorted(Path(store).glob("*.parquet")), sorted(copy.glob("*.parquet"))):
+        assert pq.read_table(a).equals(pq.read_table(b))
+
+    def no_models(self, cfg, n_shards=None):
+        raise AssertionError("models loaded for a finished store")
+
+    monkeypatch.setattr(InProcessEngine, "start", no_models)
+    assert score_pool(str(shards), str(copy), label_config(), progress=False)["rows"] == m["rows"]
 
 
 def test_resume_after_a_killed_run_gives_the_same_store(toy_pool, store, tmp_path):
@@ -233,6 +298,35 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path, monke
     m = score_pool(str(toy_pool / "shards"), str(tmp_path / "e"), ref, progress=False)
     assert m["status"] == a["status"] and m["config"]["decoding"] == "reference"
     assert all(len(r["captions"]) == 3 for r in read(tmp_path / "e"))
+
+
+def test_filter_refuses_a_store_made_otherwise_than_its_scoring_flags(toy_pool, store, tmp_path, capsys):
+    """baselines.py with --shards_dir: the scoring flags say which store the selection needs; a
+    store made with another captioner is refused (also when it is complete), one made as the
+    flags say is used (nothing to score: no model loads)."""
+    from datacomp_sieve.cli import baselines_main
+
+    base = ["--name", "sieve", "--scores_dir", str(store), "--shards_dir", str(toy_pool / "shards"), "--quiet"]
+    assert baselines_main(base + ["--save_path", str(tmp_path / "a.npy"), "--captioner", "blip-base-14m"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings than the scoring flags give (captioner: 'label' -> 'blip-base-14m')" in err
+    assert not (tmp_path / "a.npy").exists()
+    assert baselines_main(base + ["--save_path", str(tmp_path / "b.npy"), "--captioner", "label",
+                                  "--batch_size", "8"]) == 0
+    assert len(np.load(tmp_path / "b.npy")) > 0
+
+
+def test_a_store_missing_score_files_is_said_when_selecting(store, tmp_path, capsys):
+    import shutil
+
+    from datacomp_sieve.cli import baselines_main
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    (copy / "00000001.parquet").unlink()
+    assert baselines_main(["--name", "sieve", "--scores_dir", str(copy), "--save_path", str(tmp_path / "o.npy"),
+                           "--quiet"]) == 0
+    assert "has 2 score files but its manifest counts 3 scored shards" in capsys.readouterr().err
 
 
 def test_overwrite_replaces_a_store_made_with_other_settings(toy_pool, store, tmp_path):

@@ -183,6 +183,9 @@ def _err(capsys, args):
     (["--fraction", "0"], "must be in (0, 1]"),
     (["--fraction", "1.5"], "must be in (0, 1]"),
     (["--fraction", "nan"], "must be in (0, 1]"),
+    # flags of the Sieve names are refused, not ignored
+    (["--fraction", "0.2", "--weights", "clip=1"], "are for the Sieve names"),
+    (["--fraction", "0.2", "--clip_from", "store"], "are for the Sieve names"),
 ])
 def test_clip_score_flag_errors_are_one_line(pool, tmp_path, capsys, extra, message):
     code, err = _err(capsys, ["--name", "clip_score", "--metadata_dir", str(pool / "metadata"),
@@ -213,6 +216,26 @@ def test_folder_errors_are_one_line(tmp_path, capsys):
         assert code == 2 and len(err) == 1 and message in err[0], err
     code, err = _err(capsys, ["--name", "sieve", "--save_path", str(tmp_path / "o.npy")])
     assert code == 2 and "--scores_dir" in err[0]
+
+
+def test_other_names_are_one_line(tmp_path, capsys):
+    for name, message in [("basic", "use DataComp's baselines.py for it"), ("laion2b", "use DataComp's baselines.py"),
+                          ("siev", "unknown --name 'siev'; one of no_filter, clip_score, sieve, sieve_clip")]:
+        code, err = _err(capsys, ["--name", name, "--save_path", str(tmp_path / "o.npy")])
+        assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_save_path_errors_come_before_the_selection(pool, tmp_path, capsys, monkeypatch):
+    """A --save_path that cannot be written is refused before the selection runs, in one line."""
+    from datacomp_sieve import filters
+
+    monkeypatch.setattr(filters, "select", lambda *a, **k: pytest.fail("selected before checking --save_path"))
+    (tmp_path / "file.txt").write_text("x")
+    for save, message in [("", "is empty"), (str(tmp_path / "file.txt" / "o.npy"), "is a file, not a folder"),
+                          (str(tmp_path / "file.txt" / "deeper" / "o.npy"), "is a file, not a folder")]:
+        code, err = _err(capsys, ["--name", "clip_score", "--fraction", "0.1", "--metadata_dir",
+                                  str(pool / "metadata"), "--save_path", save])
+        assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_score_column_errors_are_one_line(tmp_path, capsys):

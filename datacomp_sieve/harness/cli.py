@@ -6,6 +6,7 @@ Without ``--datacomp`` the native backend runs; with it, DataComp's own scripts 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -132,11 +133,11 @@ def _row_commands(row, args, clone, python, scale: str, row_dir: Path) -> list[t
     subset = row_dir / "subset.npy"
     shards = row_dir / "shards"
     train_out = row_dir / "train"
+    if args.captioner and row.uses_sieve:  # its score store is named after the captioner that made it
+        row = dataclasses.replace(row, captioner=args.captioner)
     scores = Path(args.pool) / "sieve_scores" / row.scores_key() if row.uses_sieve else None
     me = [sys.executable, "-m", "datacomp_sieve.cli"]
     filter_args = row.filter_args(args.pool, str(subset), str(scores) if scores else None)
-    if args.captioner and row.uses_sieve:
-        filter_args[filter_args.index("--captioner") + 1] = args.captioner
     steps = [("filter", me + ["filter"] + filter_args, os.getcwd())]
     if clone:
         steps += [
