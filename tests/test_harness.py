@@ -71,6 +71,27 @@ def test_reshard_refuses_unsorted_subset_and_non_empty_output(toy_pool, tmp_path
     assert not (tmp_path / "o2" / "x").exists()
 
 
+def test_reshard_refuses_an_output_folder_that_holds_its_input(toy_pool, tmp_path, capsys):
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(toy_pool, pool)
+    before = sorted(p.relative_to(pool) for p in pool.rglob("*"))
+    subset = _subset(pool / "s.npy", sorted(rows_by_uid(pool))[:3])
+    for out, what in ((pool, "contains --shards_dir"), (pool / "shards", "is --shards_dir"),
+                      (pool / "shards" / ".." / "shards", "is --shards_dir")):
+        assert main(["reshard", "--shards_dir", str(pool / "shards"), "--subset", subset, "--output_dir", str(out),
+                     "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err
+    (tmp_path / "sub").mkdir()
+    in_out = _subset(tmp_path / "sub" / "s.npy", sorted(rows_by_uid(pool))[:3])
+    with pytest.raises(UserError, match="contains --subset"):
+        reshard(str(pool / "shards"), in_out, str(tmp_path / "sub"), overwrite=True, progress=False)
+    assert (tmp_path / "sub" / "s.npy").is_file()
+    assert sorted(p.relative_to(pool) for p in pool.rglob("*")) == sorted(before + [Path("s.npy")])
+
+
 # --------------------------------------------------------------------------------------------
 # scales, tasks, summary
 
@@ -218,6 +239,10 @@ def test_datacomp_reshard_pitfalls_and_failures_are_one_line(clone, tmp_path, mo
     assert "not empty" in err and "Traceback" not in err and not (tmp_path / "calls.jsonl").exists()
     assert main(base + ["--overwrite"]) == 0
     assert _calls(tmp_path)[-1]["argv"][-1] == "--overwrite"
+    # the input pool is never the output: DataComp's resharder with --overwrite would empty it
+    assert main(["reshard", "--shards_dir", str(out), "--subset", subset, "--output_dir", str(tmp_path)]
+                + dc + ["--overwrite"]) == 2
+    assert "contains --shards_dir" in capsys.readouterr().err and len(_calls(tmp_path)) == 1
     monkeypatch.setenv("FAKE_DC_FAIL", "missing")
     fresh = ["reshard", "--shards_dir", str(tmp_path), "--subset", subset, "--output_dir", str(tmp_path / "o2")] + dc
     assert main(fresh) == 2

@@ -205,6 +205,9 @@ def run_reproduce(args) -> int:
             build_toy_tasks(args.eval_data_dir)
         for step, cmd, cwd in steps:
             if step == "reshard" and clone:
+                from .reshard import check_output_is_not_input
+
+                check_output_is_not_input(row_dir / "shards", f"{args.pool}/shards")
                 datacomp.prepare_reshard_output(str(row_dir / "shards"), args.overwrite)
             if step == "filter" or not clone:
                 from ..cli import main

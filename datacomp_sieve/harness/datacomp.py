@@ -209,6 +209,9 @@ def prepare_reshard_output(output_dir: str, overwrite: bool) -> None:
 
 def reshard(clone: Path, python: str, shards_dir: str, subset: str, output_dir: str, num_workers: int | None = None,
             overwrite: bool = False) -> Path:
+    from .reshard import check_output_is_not_input
+
+    check_output_is_not_input(output_dir, shards_dir, subset)
     prepare_reshard_output(output_dir, overwrite)
     cmd = reshard_command(python, shards_dir, output_dir, subset, num_workers, overwrite)
     run("resharder.py", cmd, clone, expect=[Path(output_dir) / "meta.json"])
