@@ -107,6 +107,31 @@ def test_scales_are_datacomps_and_args_follow_its_train_py():
     assert "--beta2" in train.open_clip_args("xlarge", "D", "O", "e")
 
 
+def test_train_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsys):
+    data, other = tmp_path / "d", tmp_path / "d2"
+    for d in (data, other):
+        d.mkdir()
+        (d / "00000000.tar").write_bytes(b"")
+    run = tmp_path / "runs" / "e1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "epoch_latest.pt").write_bytes(b"x")
+    argv = train.open_clip_args("toy", train.find_shards(str(data)), str(tmp_path / "runs"), "e1", num_checkpoints=1,
+                                precision="fp32", workers=0, log_every_n_steps=1)
+    info = json.dumps({"scale": "toy", "checkpoint": str(run / "checkpoints" / "epoch_latest.pt"),
+                       "data_dir": str(data), "open_clip_args": argv})
+    (run / "info.json").write_text(info)
+    base = ["train", "--output_dir", str(tmp_path / "runs"), "--exp_name", "e1"]
+    assert main(base + ["--data_dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"data_dir: run {data}, now {other}" in err and "--exp_name" in err
+    assert main(base + ["--data_dir", str(data), "--seed", "1"]) == 2
+    assert "seed: run 0, now 1" in capsys.readouterr().err
+    assert main(base + ["--data_dir", str(data)]) == 0
+    io = capsys.readouterr()
+    assert "its checkpoint is reused, nothing is trained" in io.err and "epoch_latest.pt" in io.out
+    assert (run / "info.json").read_text() == info
+
+
 def test_task_list_matches_datacomp():
     assert len(evaluate.TASKS) == 40 and len(evaluate.SCORED) == 38
     groups = {g: [t.name for t in evaluate.TASKS if t.group == g] for g in evaluate.GROUPS}
