@@ -182,6 +182,24 @@ def test_compare_prints_measured_published_and_difference(tmp_path, capsys):
     assert "--experiment" in capsys.readouterr().err
 
 
+def test_compare_says_toy_results_are_not_comparable_with_the_paper(tmp_path, capsys):
+    toy = [{"key": t.key, "dataset": t.name, "metrics": {"main_metric": 0.3}} for t in evaluate.TOY_TASKS]
+    (tmp_path / "eval_results.jsonl").write_text("\n".join(json.dumps(l) for l in toy))
+    assert main(["compare", str(tmp_path), "--experiment", "table1-medium", "--row", "sieve-20"]) == 0
+    out = capsys.readouterr().out
+    assert "measured with the toy tasks: not comparable" in out
+    assert "34.6" not in out and "+" not in out and "-4.6" not in out
+    assert [l.split()[2:4] for l in out.splitlines() if l.strip().startswith("Average")] == [["n/a", "n/a"]]
+    # real task names measured with a toy-scale model (the training run's info.json beside the results)
+    real = [{"key": t.key, "dataset": t.name, "metrics": {"main_metric": 0.3}} for t in evaluate.SCORED]
+    (tmp_path / "eval_results.jsonl").write_text("\n".join(json.dumps(l) for l in real))
+    (tmp_path / "info.json").write_text(json.dumps({"scale": "toy"}))
+    assert main(["compare", str(tmp_path / "eval_results.jsonl"), "--experiment", "table1-medium",
+                 "--row", "sieve-20"]) == 0
+    out = capsys.readouterr().out
+    assert "measured with a toy-scale model: not comparable" in out and "34.6" not in out
+
+
 # --------------------------------------------------------------------------------------------
 # DataComp backend with a fake clone
 

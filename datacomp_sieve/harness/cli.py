@@ -161,7 +161,7 @@ def _row_commands(row, args, clone, python, scale: str, row_dir: Path) -> list[t
 def run_reproduce(args) -> int:
     from . import datacomp
     from .evaluate import read_results, summarize
-    from .experiments import compare_rows, format_compare, get_experiment
+    from .experiments import compare_rows, format_compare, get_experiment, not_comparable
 
     exp = get_experiment(args.experiment)
     scale = args.scale or exp.scale
@@ -220,16 +220,29 @@ def run_reproduce(args) -> int:
                           "train": [row_dir / "train" / row.slug / "checkpoints" / "epoch_latest.pt"],
                           "evaluate": [row_dir / "train" / row.slug / "eval_results.jsonl"]}[step]
                 datacomp.run(step, cmd, Path(cwd), expect=expect, log_file=row_dir / f"{step}.log")
-        results = row_dir / "train" / row.slug / "eval_results.jsonl"
-        print(format_compare(f"\n{row.label}", compare_rows(summarize(read_results(results)), row.published)))
+        lines = read_results(row_dir / "train" / row.slug / "eval_results.jsonl")
+        print(format_compare(f"\n{row.label}", compare_rows(summarize(lines), row.published),
+                             not_comparable(lines, scale)))
     if args.dry_run and scale in datacomp.POOL_SAMPLES:
         print(f"\n# {datacomp.THROUGHPUT_NOTE}")
     return 0
 
 
-def run_compare(args) -> int:
+def _compare_one(title: str, results: Path, row) -> str:
     from .evaluate import read_results, summarize
-    from .experiments import compare_rows, find_row, format_compare, get_experiment
+    from .experiments import compare_rows, format_compare, not_comparable
+    from .train import load_info
+
+    lines = read_results(results)
+    try:  # the training run beside the results says its scale (toy: not comparable)
+        scale = load_info(str(results if results.is_dir() else results.parent)).get("scale")
+    except UserError:
+        scale = None
+    return format_compare(title, compare_rows(summarize(lines), row.published), not_comparable(lines, scale))
+
+
+def run_compare(args) -> int:
+    from .experiments import find_row, get_experiment
 
     target = Path(args.results)
     if target.is_dir() and not (target / "eval_results.jsonl").exists():  # a reproduce output folder
@@ -239,15 +252,14 @@ def run_compare(args) -> int:
             results = target / row.slug / "train" / row.slug / "eval_results.jsonl"
             if results.is_file():
                 found += 1
-                print(format_compare(f"{exp.name}: {row.label}", compare_rows(summarize(read_results(results)),
-                                                                              row.published)))
+                print(_compare_one(f"{exp.name}: {row.label}", results, row))
         if not found:
             raise UserError(f"{target} holds no results of {exp.name} (expected ROW/train/ROW/eval_results.jsonl)")
         return 0
     if not args.experiment or not args.row:
         raise UserError("give --experiment and --row to compare one results file with the paper")
     row = find_row(get_experiment(args.experiment), args.row)
-    print(format_compare(f"{args.experiment}: {row.label}", compare_rows(summarize(read_results(target)), row.published)))
+    print(_compare_one(f"{args.experiment}: {row.label}", target, row))
     return 0
 
 
