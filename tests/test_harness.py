@@ -201,6 +201,41 @@ def test_compare_says_toy_results_are_not_comparable_with_the_paper(tmp_path, ca
 
 
 # --------------------------------------------------------------------------------------------
+# user mistakes: one line each, before any work
+
+
+def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
+    text, folder, run = tmp_path / "text.txt", tmp_path / "d", tmp_path / "run"
+    text.write_text("x")
+    folder.mkdir()
+    (folder / "00000000.tar").write_bytes(b"")
+    run.mkdir()
+    (run / "info.json").write_text(json.dumps({"scale": "toy", "checkpoint": str(run / "missing.pt")}))
+    train_ = ["train", "--data_dir", str(folder), "--output_dir", str(tmp_path / "runs"), "--exp_name", "e"]
+    eval_ = ["evaluate", "--train_output_dir", str(run)]
+    repro = ["reproduce", "table1-medium", "--pool", str(tmp_path), "--out", str(tmp_path / "r"), "--dry-run",
+             "--eval_data_dir", str(folder)]
+    cases = [
+        (["train", "--data_dir", str(folder), "--output_dir", str(text), "--exp_name", "e"], "is a file, not a folder"),
+        (train_ + ["--workers", "-1"], "--workers must be at least 0, got -1"),
+        (train_ + ["--num_checkpoints", "0"], "--num_checkpoints must be at least 1, got 0"),
+        (train_ + ["--accum_freq", "0"], "--accum_freq must be at least 1, got 0"),
+        (train_ + ["--precision", "fp64"], "--precision fp64 is not one of open_clip's"),
+        (eval_ + ["--toy_tasks"], "--toy_tasks needs --data_dir"),
+        (eval_ + ["--toy_tasks", "--data_dir", str(text)], f"--data_dir {text} is a file"),
+        (eval_ + ["--data_dir", str(folder), "--output_dir", str(text)], f"--output_dir {text} is a file"),
+        (eval_ + ["--data_dir", str(folder), "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (repro + ["--samples_per_gpu_second", "0"], "--samples_per_gpu_second must be a positive number"),
+        (repro + ["--samples_per_gpu_second", "-5"], "--samples_per_gpu_second must be a positive number"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------
 # DataComp backend with a fake clone
 
 _STUB = textwrap.dedent('''
@@ -302,13 +337,17 @@ def test_datacomp_reshard_pitfalls_and_failures_are_one_line(clone, tmp_path, mo
     assert "not a DataComp clone" in capsys.readouterr().err
 
 
-def test_submit_always_passes_dataset_size_and_samples(clone, tmp_path):
+def test_submit_always_passes_dataset_size_and_samples(clone, tmp_path, capsys):
     subset = _subset(tmp_path / "s.npy", ["0" * 31 + "1", "0" * 31 + "2", "0" * 31 + "3"])
     run = tmp_path / "run"
+    rest = ["--samples", subset, "--method_name", "sieve", "--author", "A", "--email", "a@b.c", "--hf_username", "u",
+            "--hf_repo_name", "r", "--datacomp", str(clone), "--datacomp_python", sys.executable]
     run.mkdir()
-    args = ["submit", "--train_output_dir", str(run), "--samples", subset, "--method_name", "sieve", "--author", "A",
-            "--email", "a@b.c", "--hf_username", "u", "--hf_repo_name", "r", "--datacomp", str(clone),
-            "--datacomp_python", sys.executable]
+    (run / "info.pkl").write_bytes(b"")
+    args = ["submit", "--train_output_dir", str(run)] + rest
+    assert main(args + ["--dataset-size", "-5"]) == 2
+    assert "--dataset-size must be at least 1, got -5" in capsys.readouterr().err
+    assert not (tmp_path / "calls.jsonl").exists()
     assert main(args) == 0
     argv = _calls(tmp_path)[-1]["argv"]
     assert argv[argv.index("--dataset-size") + 1] == "3" and argv[argv.index("--samples") + 1] == subset

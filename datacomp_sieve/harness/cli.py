@@ -65,6 +65,17 @@ def run_reshard(args) -> int:
     return 0
 
 
+def _not_a_file(flag: str, path: str | None) -> None:
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+
+
+def _at_least(flag: str, value, least) -> None:
+    """Refuse a count or rate below ``least`` (a 0 would otherwise be taken as 'not given')."""
+    if value is not None and not value >= least:
+        raise UserError(f"{flag} must be at least {least}, got {value}")
+
+
 def _train_kwargs(args) -> dict:
     return dict(seed=args.seed, precision=args.precision, workers=args.workers, accum_freq=args.accum_freq,
                 num_checkpoints=args.num_checkpoints)
@@ -72,8 +83,16 @@ def _train_kwargs(args) -> dict:
 
 def run_train(args) -> int:
     from . import datacomp
+    from .train import PRECISIONS
 
     clone, python = _clone(args)
+    _not_a_file("--output_dir", args.output_dir)
+    _not_a_file("--output_dir/--exp_name", os.path.join(args.output_dir, args.exp_name))
+    if args.precision is not None and args.precision not in PRECISIONS:
+        raise UserError(f"--precision {args.precision} is not one of open_clip's: {', '.join(PRECISIONS)}")
+    for flag, value, least in (("--num_gpus", args.num_gpus, 1), ("--workers", args.workers, 0),
+                               ("--accum_freq", args.accum_freq, 1), ("--num_checkpoints", args.num_checkpoints, 1)):
+        _at_least(flag, value, least)
     if clone:
         ckpt = datacomp.train(clone, python, args.data_dir, args.output_dir, args.exp_name, args.scale,
                               num_gpus=args.num_gpus, **_train_kwargs(args))
@@ -92,9 +111,13 @@ def run_evaluate(args) -> int:
     from .evaluate import build_toy_tasks, evaluate, format_summary, read_results, summarize
 
     clone, python = _clone(args)
+    _not_a_file("--output_dir", args.output_dir)
+    _at_least("--batch_size", args.batch_size, 1)
     if args.toy_tasks:
         if clone:
             raise UserError("--toy_tasks are for the native evaluator; DataComp's evaluate.py runs its 40 tasks")
+        if not args.data_dir:
+            raise UserError("--toy_tasks needs --data_dir: the folder the toy tasks are written into")
         build_toy_tasks(args.data_dir)
         args.tasks = "toy"
     if clone:
@@ -114,6 +137,7 @@ def run_submit(args) -> int:
     from . import datacomp
 
     clone, python = _clone(args)
+    _at_least("--dataset-size", args.dataset_size, 1)
     datacomp.submit(clone, python, args.train_output_dir, samples=args.samples, dataset_size=args.dataset_size,
                     method_name=args.method_name, author=args.author, email=args.email,
                     hf_username=args.hf_username, hf_repo_name=args.hf_repo_name, track=args.track,
@@ -172,6 +196,9 @@ def run_reproduce(args) -> int:
                         + ", ".join(r.slug for r in exp.rows))
     if not args.pool:
         raise UserError("--pool DIR is required: the pool folder with metadata/ and shards/")
+    _at_least("--num_gpus", args.num_gpus, 1)
+    if args.samples_per_gpu_second is not None and not 0 < args.samples_per_gpu_second < float("inf"):
+        raise UserError(f"--samples_per_gpu_second must be a positive number, got {args.samples_per_gpu_second}")
     args.pool = os.path.abspath(args.pool)
     if args.eval_data_dir:
         args.eval_data_dir = os.path.abspath(args.eval_data_dir)
@@ -271,7 +298,7 @@ def add_parsers(sub) -> None:
     from . import datacomp
     from .evaluate import TASK_LISTS
     from .experiments import EXPERIMENTS
-    from .train import SCALES
+    from .train import PRECISIONS, SCALES
 
     r = sub.add_parser("reshard", help="write a uid subset's samples to new shards (DataComp's resharder)",
                        formatter_class=_RAW, description=(
@@ -303,7 +330,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--scale", choices=list(SCALES), default="toy", help="DataComp scale, or toy (default toy)")
     t.add_argument("--num_gpus", type=int, default=1, help="DataComp backend: torchrun --nproc_per_node (default 1)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--precision", default=None, help="amp (DataComp's default), fp32 (toy's), bf16, ...")
+    t.add_argument("--precision", default=None,
+                   help=f"one of {', '.join(PRECISIONS)} (default: DataComp's amp, toy's fp32)")
     t.add_argument("--workers", type=int, default=None, help="data-loader workers (DataComp 4, toy 0)")
     t.add_argument("--accum_freq", type=int, default=None, help="gradient accumulation (default 1)")
     t.add_argument("--num_checkpoints", type=int, default=None, help="epochs/checkpoints (DataComp 5, toy 1)")

@@ -165,6 +165,8 @@ def build_toy_tasks(data_dir: str) -> list[str]:
 
     from ..toy_pool import _PHOTOS, photo_array
 
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder: the toy tasks are written into a folder")
     photos = [p for p in _PHOTOS if p.name in _TOY_CLASSES]
     classes = [_TOY_CLASSES[p.name] for p in photos]
     cls_samples, ret_samples = [], []

@@ -42,6 +42,8 @@ SCALES = {
                 model="datacomp-sieve-toy", beta2=None),
 }
 DATACOMP_SCALES = ("debug", "small", "medium", "large", "xlarge")
+# open_clip_train's --precision choices, checked here so that a typo is not met by open_clip's whole usage text
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 TOY_MODEL = "datacomp-sieve-toy"
 
 
