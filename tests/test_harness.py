@@ -211,6 +211,7 @@ def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
     (folder / "00000000.tar").write_bytes(b"")
     run.mkdir()
     (run / "info.json").write_text(json.dumps({"scale": "toy", "checkpoint": str(run / "missing.pt")}))
+    (tmp_path / "rp1").mkdir()  # a reproduce --out folder, not OUT/EXPERIMENT
     train_ = ["train", "--data_dir", str(folder), "--output_dir", str(tmp_path / "runs"), "--exp_name", "e"]
     eval_ = ["evaluate", "--train_output_dir", str(run)]
     repro = ["reproduce", "table1-medium", "--pool", str(tmp_path), "--out", str(tmp_path / "r"), "--dry-run",
@@ -227,12 +228,22 @@ def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
         (eval_ + ["--data_dir", str(folder), "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
         (repro + ["--samples_per_gpu_second", "0"], "--samples_per_gpu_second must be a positive number"),
         (repro + ["--samples_per_gpu_second", "-5"], "--samples_per_gpu_second must be a positive number"),
+        (["compare", str(tmp_path / "rp1")], "give OUT/EXPERIMENT (e.g. reproduce/table1-medium)"),
+        (["compare", str(tmp_path / "nonexist")], "does not exist"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+def test_native_dry_run_needs_no_evaluation_sets(tmp_path, capsys):
+    assert main(["reproduce", "table1-medium", "--rows", "sieve-20", "--pool", str(tmp_path / "pool"),
+                 "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate --train_output_dir" in out and "--data_dir EVAL_DATA_DIR" in out
+    assert "--eval_data_dir is required to run" in out and not (tmp_path / "r").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +353,9 @@ def test_submit_always_passes_dataset_size_and_samples(clone, tmp_path, capsys):
     run = tmp_path / "run"
     rest = ["--samples", subset, "--method_name", "sieve", "--author", "A", "--email", "a@b.c", "--hf_username", "u",
             "--hf_repo_name", "r", "--datacomp", str(clone), "--datacomp_python", sys.executable]
+    # checked before DataComp's evaluate.py evaluates anything
+    assert main(["submit", "--train_output_dir", str(run)] + rest) == 2
+    assert "has no info.pkl" in capsys.readouterr().err and not (tmp_path / "calls.jsonl").exists()
     run.mkdir()
     (run / "info.pkl").write_bytes(b"")
     args = ["submit", "--train_output_dir", str(run)] + rest

@@ -177,7 +177,7 @@ def _row_commands(row, args, clone, python, scale: str, row_dir: Path) -> list[t
             ("train", me + ["train", "--data_dir", str(shards), "--output_dir", str(train_out), "--exp_name", row.slug,
                             "--scale", scale], os.getcwd()),
             ("evaluate", me + ["evaluate", "--train_output_dir", str(train_out / row.slug), "--data_dir",
-                               str(args.eval_data_dir), "--tasks", args.tasks], os.getcwd()),
+                               args.eval_data_dir or "EVAL_DATA_DIR", "--tasks", args.tasks], os.getcwd()),
         ]
     return steps
 
@@ -204,7 +204,7 @@ def run_reproduce(args) -> int:
         args.eval_data_dir = os.path.abspath(args.eval_data_dir)
     if not args.dry_run and not os.path.isdir(os.path.join(args.pool, "metadata")):
         raise UserError(f"--pool {args.pool} has no metadata/ folder")
-    if not clone and not args.eval_data_dir:
+    if not clone and not args.eval_data_dir and not args.dry_run:
         raise UserError("--eval_data_dir is required without --datacomp (the evaluation sets; for the toy "
                         "tasks, any folder with --tasks toy)")
     out = Path(args.out).resolve() / exp.name
@@ -250,6 +250,8 @@ def run_reproduce(args) -> int:
         lines = read_results(row_dir / "train" / row.slug / "eval_results.jsonl")
         print(format_compare(f"\n{row.label}", compare_rows(summarize(lines), row.published),
                              not_comparable(lines, scale)))
+    if args.dry_run and not clone and not args.eval_data_dir:
+        print("\n# EVAL_DATA_DIR: the evaluation sets; --eval_data_dir is required to run")
     if args.dry_run and scale in datacomp.POOL_SAMPLES:
         print(f"\n# {datacomp.THROUGHPUT_NOTE}")
     return 0
@@ -269,10 +271,16 @@ def _compare_one(title: str, results: Path, row) -> str:
 
 
 def run_compare(args) -> int:
-    from .experiments import find_row, get_experiment
+    from .experiments import EXPERIMENTS, find_row, get_experiment
 
     target = Path(args.results)
+    if not target.exists():
+        raise UserError(f"{target} does not exist: give a reproduce output folder (OUT/EXPERIMENT, e.g. "
+                        "reproduce/table1-medium), or an eval_results.jsonl with --experiment and --row")
     if target.is_dir() and not (target / "eval_results.jsonl").exists():  # a reproduce output folder
+        if not args.experiment and target.name not in EXPERIMENTS:
+            raise UserError(f"{target} is not a reproduce output folder: give OUT/EXPERIMENT (e.g. "
+                            "reproduce/table1-medium), or an eval_results.jsonl with --experiment and --row")
         exp = get_experiment(args.experiment or target.name)
         found = 0
         for row in exp.rows:
@@ -380,27 +388,32 @@ def add_parsers(sub) -> None:
                        description="Print measured vs published per DataComp group, with the difference. RESULTS: "
                                    "an eval_results.jsonl (with --experiment and --row) or a reproduce output folder "
                                    "(OUT/EXPERIMENT).")
-    c.add_argument("results", metavar="RESULTS")
-    c.add_argument("--experiment", choices=list(EXPERIMENTS))
-    c.add_argument("--row", help="row label or slug, e.g. sieve-20")
+    c.add_argument("results", metavar="RESULTS",
+                   help="a reproduce output folder (OUT/EXPERIMENT, e.g. reproduce/table1-medium), or an "
+                        "eval_results.jsonl (or the training run folder that holds it)")
+    c.add_argument("--experiment", choices=list(EXPERIMENTS),
+                   help="the experiment to compare with (default: the folder's name, for OUT/EXPERIMENT)")
+    c.add_argument("--row", help="row label or slug, e.g. sieve-20 (with one results file)")
     c.set_defaults(func=run_compare)
 
     s = sub.add_parser("submit", help="submit to DataComp's leaderboard through DataComp's evaluate.py",
                        description="Runs DataComp's evaluate.py --submit with --samples and --dataset-size always "
                                    "passed (leaving them out crashes or records a wrong size, DataComp #62). "
                                    "Needs --datacomp.")
-    s.add_argument("--train_output_dir", required=True)
+    s.add_argument("--train_output_dir", required=True,
+                   help="OUTPUT_DIR/EXP_NAME of the training run (with DataComp's info.pkl)")
     s.add_argument("--samples", required=True, help="the subset .npy trained on ('::' joins several files)")
     s.add_argument("--dataset-size", "--dataset_size", dest="dataset_size", type=int,
                    help="samples in the training set (default: the uids in --samples)")
-    s.add_argument("--method_name", required=True)
-    s.add_argument("--author", required=True)
-    s.add_argument("--email", required=True)
-    s.add_argument("--hf_username", required=True)
-    s.add_argument("--hf_repo_name", required=True)
-    s.add_argument("--track", choices=["filtering", "byod"], default="filtering")
-    s.add_argument("--writeup")
-    s.add_argument("--upload_checkpoint", action="store_true")
+    s.add_argument("--method_name", required=True, help="the method's name on the leaderboard")
+    s.add_argument("--author", required=True, help="author name(s) shown on the leaderboard")
+    s.add_argument("--email", required=True, help="contact email")
+    s.add_argument("--hf_username", required=True, help="Hugging Face user the results are uploaded under")
+    s.add_argument("--hf_repo_name", required=True, help="Hugging Face repository the results are uploaded to")
+    s.add_argument("--track", choices=["filtering", "byod"], default="filtering",
+                   help="DataComp track (default filtering)")
+    s.add_argument("--writeup", help="a link to a write-up of the method")
+    s.add_argument("--upload_checkpoint", action="store_true", help="also upload the trained checkpoint")
     s.add_argument("--data_dir", help="downloaded evaluation sets")
     _backend_args(s, required=True)
     s.set_defaults(func=run_submit)
