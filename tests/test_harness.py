@@ -118,7 +118,7 @@ def test_train_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsy
     argv = train.open_clip_args("toy", train.find_shards(str(data)), str(tmp_path / "runs"), "e1", num_checkpoints=1,
                                 precision="fp32", workers=0, log_every_n_steps=1)
     info = json.dumps({"scale": "toy", "checkpoint": str(run / "checkpoints" / "epoch_latest.pt"),
-                       "data_dir": str(data), "open_clip_args": argv})
+                       "data_dir": str(data), "open_clip_args": argv, "data_fingerprint": train.data_fingerprint(data)})
     (run / "info.json").write_text(info)
     base = ["train", "--output_dir", str(tmp_path / "runs"), "--exp_name", "e1"]
     assert main(base + ["--data_dir", str(other)]) == 2
@@ -130,6 +130,9 @@ def test_train_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsy
     io = capsys.readouterr()
     assert "its checkpoint is reused, nothing is trained" in io.err and "epoch_latest.pt" in io.out
     assert (run / "info.json").read_text() == info
+    (data / "00000000.tar").write_bytes(b"resharded anew")  # same folder, other data
+    assert main(base + ["--data_dir", str(data)]) == 2
+    assert "data_dir contents: run " in capsys.readouterr().err
 
 
 def test_task_list_matches_datacomp():

@@ -7,7 +7,8 @@ arguments DataComp's train.py passes to open_clip's main (``--train-num-samples`
 samples seen divided by ``num_checkpoints``, one epoch per checkpoint, ``--dataset-resampled``,
 ``--save-most-recent``, ``--resume latest``, per-GPU batch = batch / (GPUs x accum_freq)).
 A finished run (``info.json`` beside its checkpoint) is reused when asked for again with the same
-scale, data folder and settings, and refused with others (resuming it would train nothing).
+scale, data folder (and shards in it) and settings, and refused with others (resuming it would
+train nothing).
 
 Outputs, as DataComp's: ``OUTPUT_DIR/EXP_NAME/checkpoints/epoch_latest.pt`` and ``info.pkl``
 (scale, checkpoint, scale_config, data_dir, read by DataComp's evaluate.py), plus ``info.json``
@@ -153,6 +154,9 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
         done = json.loads((run_dir / "info.json").read_text())
         old = run_settings(done["scale"], done["data_dir"], done.get("open_clip_args", []), done.get("cwd"))
         new = run_settings(scale, data_dir, argv)
+        if done.get("data_fingerprint"):  # the same folder resharded anew holds other data
+            old["data_dir contents"] = done["data_fingerprint"]
+            new["data_dir contents"] = data_fingerprint(data_dir)
         changed = [f"{k}: run {old.get(k)}, now {v}" for k, v in new.items() if old.get(k) != v]
         if changed:
             raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(changed)}); "
@@ -169,7 +173,8 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
     if result == -1 or not checkpoint.is_file():
         raise UserError(f"training did not produce {checkpoint}; see open_clip's log {run_dir / 'out.log'}")
     info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": c, "data_dir": str(data_dir),
-            "model_config_file": config_file, "open_clip_args": argv, "cwd": os.getcwd()}
+            "model_config_file": config_file, "open_clip_args": argv, "cwd": os.getcwd(),
+            "data_fingerprint": data_fingerprint(data_dir)}
     with open(run_dir / "info.pkl", "wb") as f:  # what DataComp's evaluate.py reads
         pickle.dump({k: info[k] for k in ("scale", "checkpoint", "scale_config", "data_dir")}, f)
     (run_dir / "info.json").write_text(json.dumps(info, indent=1))
@@ -186,6 +191,19 @@ def run_settings(scale: str, data_dir: str, argv: list[str], cwd: str | None = N
     out = {"scale": scale, "data_dir": os.path.realpath(Path(cwd or os.getcwd()) / data_dir)}
     out.update({name: argv[argv.index(flag) + 1] for flag, name in _SETTING_FLAGS.items() if flag in argv})
     return out
+
+
+def data_fingerprint(data_dir: str) -> str:
+    """A short hash of the shards' names and sizes and of sample_ids.npy: a folder resharded anew changes it."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in sorted(Path(data_dir).glob("*.tar")):
+        h.update(f"{p.name} {p.stat().st_size}\n".encode())
+    ids = Path(data_dir) / "sample_ids.npy"
+    if ids.is_file():
+        h.update(ids.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _run_open_clip(argv: list[str], toy: bool) -> int | None:
