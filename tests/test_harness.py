@@ -71,6 +71,27 @@ def test_reshard_refuses_unsorted_subset_and_non_empty_output(toy_pool, tmp_path
     assert not (tmp_path / "o2" / "x").exists()
 
 
+def test_reshard_refuses_an_output_folder_that_holds_its_input(toy_pool, tmp_path, capsys):
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(toy_pool, pool)
+    before = sorted(p.relative_to(pool) for p in pool.rglob("*"))
+    subset = _subset(pool / "s.npy", sorted(rows_by_uid(pool))[:3])
+    for out, what in ((pool, "contains --shards_dir"), (pool / "shards", "is --shards_dir"),
+                      (pool / "shards" / ".." / "shards", "is --shards_dir")):
+        assert main(["reshard", "--shards_dir", str(pool / "shards"), "--subset", subset, "--output_dir", str(out),
+                     "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err
+    (tmp_path / "sub").mkdir()
+    in_out = _subset(tmp_path / "sub" / "s.npy", sorted(rows_by_uid(pool))[:3])
+    with pytest.raises(UserError, match="contains --subset"):
+        reshard(str(pool / "shards"), in_out, str(tmp_path / "sub"), overwrite=True, progress=False)
+    assert (tmp_path / "sub" / "s.npy").is_file()
+    assert sorted(p.relative_to(pool) for p in pool.rglob("*")) == sorted(before + [Path("s.npy")])
+
+
 # --------------------------------------------------------------------------------------------
 # scales, tasks, summary
 
@@ -84,6 +105,34 @@ def test_scales_are_datacomps_and_args_follow_its_train_py():
     assert a[a.index("--batch-size") + 1] == "512" and a[a.index("--epochs") + 1] == "5"
     assert "--dataset-resampled" in a and "--save-most-recent" in a and "--beta2" not in a
     assert "--beta2" in train.open_clip_args("xlarge", "D", "O", "e")
+
+
+def test_train_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsys):
+    data, other = tmp_path / "d", tmp_path / "d2"
+    for d in (data, other):
+        d.mkdir()
+        (d / "00000000.tar").write_bytes(b"")
+    run = tmp_path / "runs" / "e1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "epoch_latest.pt").write_bytes(b"x")
+    argv = train.open_clip_args("toy", train.find_shards(str(data)), str(tmp_path / "runs"), "e1", num_checkpoints=1,
+                                precision="fp32", workers=0, log_every_n_steps=1)
+    info = json.dumps({"scale": "toy", "checkpoint": str(run / "checkpoints" / "epoch_latest.pt"),
+                       "data_dir": str(data), "open_clip_args": argv, "data_fingerprint": train.data_fingerprint(data)})
+    (run / "info.json").write_text(info)
+    base = ["train", "--output_dir", str(tmp_path / "runs"), "--exp_name", "e1"]
+    assert main(base + ["--data_dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"data_dir: run {data}, now {other}" in err and "--exp_name" in err
+    assert main(base + ["--data_dir", str(data), "--seed", "1"]) == 2
+    assert "seed: run 0, now 1" in capsys.readouterr().err
+    assert main(base + ["--data_dir", str(data)]) == 0
+    io = capsys.readouterr()
+    assert "its checkpoint is reused, nothing is trained" in io.err and "epoch_latest.pt" in io.out
+    assert (run / "info.json").read_text() == info
+    (data / "00000000.tar").write_bytes(b"resharded anew")  # same folder, other data
+    assert main(base + ["--data_dir", str(data)]) == 2
+    assert "data_dir contents: run " in capsys.readouterr().err
 
 
 def test_task_list_matches_datacomp():
@@ -134,6 +183,70 @@ def test_compare_prints_measured_published_and_difference(tmp_path, capsys):
     assert "Average" in out and "30.0" in out and "34.6" in out and "-4.6" in out
     assert main(["compare", str(tmp_path / "eval_results.jsonl")]) == 2
     assert "--experiment" in capsys.readouterr().err
+
+
+def test_compare_says_toy_results_are_not_comparable_with_the_paper(tmp_path, capsys):
+    toy = [{"key": t.key, "dataset": t.name, "metrics": {"main_metric": 0.3}} for t in evaluate.TOY_TASKS]
+    (tmp_path / "eval_results.jsonl").write_text("\n".join(json.dumps(l) for l in toy))
+    assert main(["compare", str(tmp_path), "--experiment", "table1-medium", "--row", "sieve-20"]) == 0
+    out = capsys.readouterr().out
+    assert "measured with the toy tasks: not comparable" in out
+    assert "34.6" not in out and "+" not in out and "-4.6" not in out
+    assert [l.split()[2:4] for l in out.splitlines() if l.strip().startswith("Average")] == [["n/a", "n/a"]]
+    # real task names measured with a toy-scale model (the training run's info.json beside the results)
+    real = [{"key": t.key, "dataset": t.name, "metrics": {"main_metric": 0.3}} for t in evaluate.SCORED]
+    (tmp_path / "eval_results.jsonl").write_text("\n".join(json.dumps(l) for l in real))
+    (tmp_path / "info.json").write_text(json.dumps({"scale": "toy"}))
+    assert main(["compare", str(tmp_path / "eval_results.jsonl"), "--experiment", "table1-medium",
+                 "--row", "sieve-20"]) == 0
+    out = capsys.readouterr().out
+    assert "measured with a toy-scale model: not comparable" in out and "34.6" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# user mistakes: one line each, before any work
+
+
+def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
+    text, folder, run = tmp_path / "text.txt", tmp_path / "d", tmp_path / "run"
+    text.write_text("x")
+    folder.mkdir()
+    (folder / "00000000.tar").write_bytes(b"")
+    run.mkdir()
+    (run / "info.json").write_text(json.dumps({"scale": "toy", "checkpoint": str(run / "missing.pt")}))
+    (tmp_path / "rp1").mkdir()  # a reproduce --out folder, not OUT/EXPERIMENT
+    train_ = ["train", "--data_dir", str(folder), "--output_dir", str(tmp_path / "runs"), "--exp_name", "e"]
+    eval_ = ["evaluate", "--train_output_dir", str(run)]
+    repro = ["reproduce", "table1-medium", "--pool", str(tmp_path), "--out", str(tmp_path / "r"), "--dry-run",
+             "--eval_data_dir", str(folder)]
+    cases = [
+        (["train", "--data_dir", str(folder), "--output_dir", str(text), "--exp_name", "e"], "is a file, not a folder"),
+        (train_ + ["--workers", "-1"], "--workers must be at least 0, got -1"),
+        (train_ + ["--num_checkpoints", "0"], "--num_checkpoints must be at least 1, got 0"),
+        (train_ + ["--accum_freq", "0"], "--accum_freq must be at least 1, got 0"),
+        (train_ + ["--precision", "fp64"], "--precision fp64 is not one of open_clip's"),
+        (eval_ + ["--toy_tasks"], "--toy_tasks needs --data_dir"),
+        (eval_ + ["--toy_tasks", "--data_dir", str(text)], f"--data_dir {text} is a file"),
+        (eval_ + ["--data_dir", str(folder), "--output_dir", str(text)], f"--output_dir {text} is a file"),
+        (eval_ + ["--data_dir", str(folder), "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (repro + ["--samples_per_gpu_second", "0"], "--samples_per_gpu_second must be a positive number"),
+        (repro + ["--samples_per_gpu_second", "-5"], "--samples_per_gpu_second must be a positive number"),
+        (["compare", str(tmp_path / "rp1")], "give OUT/EXPERIMENT (e.g. reproduce/table1-medium)"),
+        (["compare", str(tmp_path / "nonexist")], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+def test_native_dry_run_needs_no_evaluation_sets(tmp_path, capsys):
+    assert main(["reproduce", "table1-medium", "--rows", "sieve-20", "--pool", str(tmp_path / "pool"),
+                 "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate --train_output_dir" in out and "--data_dir EVAL_DATA_DIR" in out
+    assert "--eval_data_dir is required to run" in out and not (tmp_path / "r").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +331,10 @@ def test_datacomp_reshard_pitfalls_and_failures_are_one_line(clone, tmp_path, mo
     assert "not empty" in err and "Traceback" not in err and not (tmp_path / "calls.jsonl").exists()
     assert main(base + ["--overwrite"]) == 0
     assert _calls(tmp_path)[-1]["argv"][-1] == "--overwrite"
+    # the input pool is never the output: DataComp's resharder with --overwrite would empty it
+    assert main(["reshard", "--shards_dir", str(out), "--subset", subset, "--output_dir", str(tmp_path)]
+                + dc + ["--overwrite"]) == 2
+    assert "contains --shards_dir" in capsys.readouterr().err and len(_calls(tmp_path)) == 1
     monkeypatch.setenv("FAKE_DC_FAIL", "missing")
     fresh = ["reshard", "--shards_dir", str(tmp_path), "--subset", subset, "--output_dir", str(tmp_path / "o2")] + dc
     assert main(fresh) == 2
@@ -234,13 +351,20 @@ def test_datacomp_reshard_pitfalls_and_failures_are_one_line(clone, tmp_path, mo
     assert "not a DataComp clone" in capsys.readouterr().err
 
 
-def test_submit_always_passes_dataset_size_and_samples(clone, tmp_path):
+def test_submit_always_passes_dataset_size_and_samples(clone, tmp_path, capsys):
     subset = _subset(tmp_path / "s.npy", ["0" * 31 + "1", "0" * 31 + "2", "0" * 31 + "3"])
     run = tmp_path / "run"
+    rest = ["--samples", subset, "--method_name", "sieve", "--author", "A", "--email", "a@b.c", "--hf_username", "u",
+            "--hf_repo_name", "r", "--datacomp", str(clone), "--datacomp_python", sys.executable]
+    # checked before DataComp's evaluate.py evaluates anything
+    assert main(["submit", "--train_output_dir", str(run)] + rest) == 2
+    assert "has no info.pkl" in capsys.readouterr().err and not (tmp_path / "calls.jsonl").exists()
     run.mkdir()
-    args = ["submit", "--train_output_dir", str(run), "--samples", subset, "--method_name", "sieve", "--author", "A",
-            "--email", "a@b.c", "--hf_username", "u", "--hf_repo_name", "r", "--datacomp", str(clone),
-            "--datacomp_python", sys.executable]
+    (run / "info.pkl").write_bytes(b"")
+    args = ["submit", "--train_output_dir", str(run)] + rest
+    assert main(args + ["--dataset-size", "-5"]) == 2
+    assert "--dataset-size must be at least 1, got -5" in capsys.readouterr().err
+    assert not (tmp_path / "calls.jsonl").exists()
     assert main(args) == 0
     argv = _calls(tmp_path)[-1]["argv"]
     assert argv[argv.index("--dataset-size") + 1] == "3" and argv[argv.index("--samples") + 1] == subset

@@ -66,6 +66,17 @@ def run_reshard(args) -> int:
     return 0
 
 
+def _not_a_file(flag: str, path: str | None) -> None:
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+
+
+def _at_least(flag: str, value, least) -> None:
+    """Refuse a count or rate below ``least`` (a 0 would otherwise be taken as 'not given')."""
+    if value is not None and not value >= least:
+        raise UserError(f"{flag} must be at least {least}, got {value}")
+
+
 def _train_kwargs(args) -> dict:
     return dict(seed=args.seed, precision=args.precision, workers=args.workers, accum_freq=args.accum_freq,
                 num_checkpoints=args.num_checkpoints)
@@ -73,8 +84,16 @@ def _train_kwargs(args) -> dict:
 
 def run_train(args) -> int:
     from . import datacomp
+    from .train import PRECISIONS
 
     clone, python = _clone(args)
+    _not_a_file("--output_dir", args.output_dir)
+    _not_a_file("--output_dir/--exp_name", os.path.join(args.output_dir, args.exp_name))
+    if args.precision is not None and args.precision not in PRECISIONS:
+        raise UserError(f"--precision {args.precision} is not one of open_clip's: {', '.join(PRECISIONS)}")
+    for flag, value, least in (("--num_gpus", args.num_gpus, 1), ("--workers", args.workers, 0),
+                               ("--accum_freq", args.accum_freq, 1), ("--num_checkpoints", args.num_checkpoints, 1)):
+        _at_least(flag, value, least)
     if clone:
         ckpt = datacomp.train(clone, python, args.data_dir, args.output_dir, args.exp_name, args.scale,
                               num_gpus=args.num_gpus, **_train_kwargs(args))
@@ -93,9 +112,13 @@ def run_evaluate(args) -> int:
     from .evaluate import build_toy_tasks, evaluate, format_summary, read_results, summarize
 
     clone, python = _clone(args)
+    _not_a_file("--output_dir", args.output_dir)
+    _at_least("--batch_size", args.batch_size, 1)
     if args.toy_tasks:
         if clone:
             raise UserError("--toy_tasks are for the native evaluator; DataComp's evaluate.py runs its 40 tasks")
+        if not args.data_dir:
+            raise UserError("--toy_tasks needs --data_dir: the folder the toy tasks are written into")
         build_toy_tasks(args.data_dir)
         args.tasks = "toy"
     if clone:
@@ -115,6 +138,7 @@ def run_submit(args) -> int:
     from . import datacomp
 
     clone, python = _clone(args)
+    _at_least("--dataset-size", args.dataset_size, 1)
     datacomp.submit(clone, python, args.train_output_dir, samples=args.samples, dataset_size=args.dataset_size,
                     method_name=args.method_name, author=args.author, email=args.email,
                     hf_username=args.hf_username, hf_repo_name=args.hf_repo_name, track=args.track,
@@ -154,7 +178,7 @@ def _row_commands(row, args, clone, python, scale: str, row_dir: Path) -> list[t
             ("train", me + ["train", "--data_dir", str(shards), "--output_dir", str(train_out), "--exp_name", row.slug,
                             "--scale", scale], os.getcwd()),
             ("evaluate", me + ["evaluate", "--train_output_dir", str(train_out / row.slug), "--data_dir",
-                               str(args.eval_data_dir), "--tasks", args.tasks], os.getcwd()),
+                               args.eval_data_dir or "EVAL_DATA_DIR", "--tasks", args.tasks], os.getcwd()),
         ]
     return steps
 
@@ -162,7 +186,7 @@ def _row_commands(row, args, clone, python, scale: str, row_dir: Path) -> list[t
 def run_reproduce(args) -> int:
     from . import datacomp
     from .evaluate import read_results, summarize
-    from .experiments import compare_rows, format_compare, get_experiment
+    from .experiments import compare_rows, format_compare, get_experiment, not_comparable
 
     exp = get_experiment(args.experiment)
     scale = args.scale or exp.scale
@@ -173,12 +197,15 @@ def run_reproduce(args) -> int:
                         + ", ".join(r.slug for r in exp.rows))
     if not args.pool:
         raise UserError("--pool DIR is required: the pool folder with metadata/ and shards/")
+    _at_least("--num_gpus", args.num_gpus, 1)
+    if args.samples_per_gpu_second is not None and not 0 < args.samples_per_gpu_second < float("inf"):
+        raise UserError(f"--samples_per_gpu_second must be a positive number, got {args.samples_per_gpu_second}")
     args.pool = os.path.abspath(args.pool)
     if args.eval_data_dir:
         args.eval_data_dir = os.path.abspath(args.eval_data_dir)
     if not args.dry_run and not os.path.isdir(os.path.join(args.pool, "metadata")):
         raise UserError(f"--pool {args.pool} has no metadata/ folder")
-    if not clone and not args.eval_data_dir:
+    if not clone and not args.eval_data_dir and not args.dry_run:
         raise UserError("--eval_data_dir is required without --datacomp (the evaluation sets; for the toy "
                         "tasks, any folder with --tasks toy)")
     out = Path(args.out).resolve() / exp.name
@@ -206,6 +233,9 @@ def run_reproduce(args) -> int:
             build_toy_tasks(args.eval_data_dir)
         for step, cmd, cwd in steps:
             if step == "reshard" and clone:
+                from .reshard import check_output_is_not_input
+
+                check_output_is_not_input(row_dir / "shards", f"{args.pool}/shards")
                 datacomp.prepare_reshard_output(str(row_dir / "shards"), args.overwrite)
             if step == "filter" or not clone:
                 from ..cli import main
@@ -218,34 +248,54 @@ def run_reproduce(args) -> int:
                           "train": [row_dir / "train" / row.slug / "checkpoints" / "epoch_latest.pt"],
                           "evaluate": [row_dir / "train" / row.slug / "eval_results.jsonl"]}[step]
                 datacomp.run(step, cmd, Path(cwd), expect=expect, log_file=row_dir / f"{step}.log")
-        results = row_dir / "train" / row.slug / "eval_results.jsonl"
-        print(format_compare(f"\n{row.label}", compare_rows(summarize(read_results(results)), row.published)))
+        lines = read_results(row_dir / "train" / row.slug / "eval_results.jsonl")
+        print(format_compare(f"\n{row.label}", compare_rows(summarize(lines), row.published),
+                             not_comparable(lines, scale)))
+    if args.dry_run and not clone and not args.eval_data_dir:
+        print("\n# EVAL_DATA_DIR: the evaluation sets; --eval_data_dir is required to run")
     if args.dry_run and scale in datacomp.POOL_SAMPLES:
         print(f"\n# {datacomp.THROUGHPUT_NOTE}")
     return 0
 
 
-def run_compare(args) -> int:
+def _compare_one(title: str, results: Path, row) -> str:
     from .evaluate import read_results, summarize
-    from .experiments import compare_rows, find_row, format_compare, get_experiment
+    from .experiments import compare_rows, format_compare, not_comparable
+    from .train import load_info
+
+    lines = read_results(results)
+    try:  # the training run beside the results says its scale (toy: not comparable)
+        scale = load_info(str(results if results.is_dir() else results.parent)).get("scale")
+    except UserError:
+        scale = None
+    return format_compare(title, compare_rows(summarize(lines), row.published), not_comparable(lines, scale))
+
+
+def run_compare(args) -> int:
+    from .experiments import EXPERIMENTS, find_row, get_experiment
 
     target = Path(args.results)
+    if not target.exists():
+        raise UserError(f"{target} does not exist: give a reproduce output folder (OUT/EXPERIMENT, e.g. "
+                        "reproduce/table1-medium), or an eval_results.jsonl with --experiment and --row")
     if target.is_dir() and not (target / "eval_results.jsonl").exists():  # a reproduce output folder
+        if not args.experiment and target.name not in EXPERIMENTS:
+            raise UserError(f"{target} is not a reproduce output folder: give OUT/EXPERIMENT (e.g. "
+                            "reproduce/table1-medium), or an eval_results.jsonl with --experiment and --row")
         exp = get_experiment(args.experiment or target.name)
         found = 0
         for row in exp.rows:
             results = target / row.slug / "train" / row.slug / "eval_results.jsonl"
             if results.is_file():
                 found += 1
-                print(format_compare(f"{exp.name}: {row.label}", compare_rows(summarize(read_results(results)),
-                                                                              row.published)))
+                print(_compare_one(f"{exp.name}: {row.label}", results, row))
         if not found:
             raise UserError(f"{target} holds no results of {exp.name} (expected ROW/train/ROW/eval_results.jsonl)")
         return 0
     if not args.experiment or not args.row:
         raise UserError("give --experiment and --row to compare one results file with the paper")
     row = find_row(get_experiment(args.experiment), args.row)
-    print(format_compare(f"{args.experiment}: {row.label}", compare_rows(summarize(read_results(target)), row.published)))
+    print(_compare_one(f"{args.experiment}: {row.label}", target, row))
     return 0
 
 
@@ -257,7 +307,7 @@ def add_parsers(sub) -> None:
     from . import datacomp
     from .evaluate import TASK_LISTS
     from .experiments import EXPERIMENTS
-    from .train import SCALES
+    from .train import PRECISIONS, SCALES
 
     r = sub.add_parser("reshard", help="write a uid subset's samples to new shards (DataComp's resharder)",
                        formatter_class=_RAW, description=(
@@ -289,7 +339,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--scale", choices=list(SCALES), default="toy", help="DataComp scale, or toy (default toy)")
     t.add_argument("--num_gpus", type=int, default=1, help="DataComp backend: torchrun --nproc_per_node (default 1)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--precision", default=None, help="amp (DataComp's default), fp32 (toy's), bf16, ...")
+    t.add_argument("--precision", default=None,
+                   help=f"one of {', '.join(PRECISIONS)} (default: DataComp's amp, toy's fp32)")
     t.add_argument("--workers", type=int, default=None, help="data-loader workers (DataComp 4, toy 0)")
     t.add_argument("--accum_freq", type=int, default=None, help="gradient accumulation (default 1)")
     t.add_argument("--num_checkpoints", type=int, default=None, help="epochs/checkpoints (DataComp 5, toy 1)")
@@ -338,27 +389,32 @@ def add_parsers(sub) -> None:
                        description="Print measured vs published per DataComp group, with the difference. RESULTS: "
                                    "an eval_results.jsonl (with --experiment and --row) or a reproduce output folder "
                                    "(OUT/EXPERIMENT).")
-    c.add_argument("results", metavar="RESULTS")
-    c.add_argument("--experiment", choices=list(EXPERIMENTS))
-    c.add_argument("--row", help="row label or slug, e.g. sieve-20")
+    c.add_argument("results", metavar="RESULTS",
+                   help="a reproduce output folder (OUT/EXPERIMENT, e.g. reproduce/table1-medium), or an "
+                        "eval_results.jsonl (or the training run folder that holds it)")
+    c.add_argument("--experiment", choices=list(EXPERIMENTS),
+                   help="the experiment to compare with (default: the folder's name, for OUT/EXPERIMENT)")
+    c.add_argument("--row", help="row label or slug, e.g. sieve-20 (with one results file)")
     c.set_defaults(func=run_compare)
 
     s = sub.add_parser("submit", help="submit to DataComp's leaderboard through DataComp's evaluate.py",
                        description="Runs DataComp's evaluate.py --submit with --samples and --dataset-size always "
                                    "passed (leaving them out crashes or records a wrong size, DataComp #62). "
                                    "Needs --datacomp.")
-    s.add_argument("--train_output_dir", required=True)
+    s.add_argument("--train_output_dir", required=True,
+                   help="OUTPUT_DIR/EXP_NAME of the training run (with DataComp's info.pkl)")
     s.add_argument("--samples", required=True, help="the subset .npy trained on ('::' joins several files)")
     s.add_argument("--dataset-size", "--dataset_size", dest="dataset_size", type=int,
                    help="samples in the training set (default: the uids in --samples)")
-    s.add_argument("--method_name", required=True)
-    s.add_argument("--author", required=True)
-    s.add_argument("--email", required=True)
-    s.add_argument("--hf_username", required=True)
-    s.add_argument("--hf_repo_name", required=True)
-    s.add_argument("--track", choices=["filtering", "byod"], default="filtering")
-    s.add_argument("--writeup")
-    s.add_argument("--upload_checkpoint", action="store_true")
+    s.add_argument("--method_name", required=True, help="the method's name on the leaderboard")
+    s.add_argument("--author", required=True, help="author name(s) shown on the leaderboard")
+    s.add_argument("--email", required=True, help="contact email")
+    s.add_argument("--hf_username", required=True, help="Hugging Face user the results are uploaded under")
+    s.add_argument("--hf_repo_name", required=True, help="Hugging Face repository the results are uploaded to")
+    s.add_argument("--track", choices=["filtering", "byod"], default="filtering",
+                   help="DataComp track (default filtering)")
+    s.add_argument("--writeup", help="a link to a write-up of the method")
+    s.add_argument("--upload_checkpoint", action="store_true", help="also upload the trained checkpoint")
     s.add_argument("--data_dir", help="downloaded evaluation sets")
     _backend_args(s, required=True)
     s.set_defaults(func=run_submit)

@@ -130,6 +130,10 @@ def submit_command(python: str, train_output: str, samples: str, dataset_size: i
                               ("--hf_username", hf_username), ("--hf_repo_name", hf_repo_name)) if not v]
     if missing:
         raise UserError(f"a submission needs {', '.join(missing)}")
+    if not (Path(train_output) / "info.pkl").is_file():
+        # checked here: DataComp's evaluate.py reads it first thing and fails with a traceback
+        raise UserError(f"--train_output_dir {train_output} has no info.pkl: give the OUTPUT_DIR/EXP_NAME of a "
+                        "training run")
     if not samples:
         raise UserError("a submission needs --samples (the subset .npy): DataComp's evaluate.py crashes without it")
     for p in samples.split("::"):
@@ -209,6 +213,9 @@ def prepare_reshard_output(output_dir: str, overwrite: bool) -> None:
 
 def reshard(clone: Path, python: str, shards_dir: str, subset: str, output_dir: str, num_workers: int | None = None,
             overwrite: bool = False) -> Path:
+    from .reshard import check_output_is_not_input
+
+    check_output_is_not_input(output_dir, shards_dir, subset)
     prepare_reshard_output(output_dir, overwrite)
     cmd = reshard_command(python, shards_dir, output_dir, subset, num_workers, overwrite)
     run("resharder.py", cmd, clone, expect=[Path(output_dir) / "meta.json"])

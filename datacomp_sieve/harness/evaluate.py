@@ -165,6 +165,8 @@ def build_toy_tasks(data_dir: str) -> list[str]:
 
     from ..toy_pool import _PHOTOS, photo_array
 
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder: the toy tasks are written into a folder")
     photos = [p for p in _PHOTOS if p.name in _TOY_CLASSES]
     classes = [_TOY_CLASSES[p.name] for p in photos]
     cls_samples, ret_samples = [], []
@@ -239,7 +241,8 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
     one line per task, ``{"key", "dataset", "metrics": {..., "main_metric"}}``) and returns
     ``{"results": {name: line}, "skipped": {name: reason}, "path": results file}``.
 
-    Tasks already in the results file are not evaluated again (as DataComp's evaluate.py does).
+    Tasks already in the results file are not evaluated again (as DataComp's evaluate.py does); a
+    warning says how many were taken from it.
     """
     import torch
     from tqdm import tqdm
@@ -258,10 +261,11 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
     results = {r["dataset"]: r for r in read_results(path)} if path.exists() else {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, transform, tokenizer = load_model(info, device)
-    skipped = {}
+    skipped, reused = {}, 0
     todo = [t for t in TASK_LISTS[tasks] if t.main_metric is not None]
     for task in tqdm(todo, desc="evaluate", unit="task", disable=not progress):
         if task.name in results:
+            reused += 1
             continue
         why = native_support(task)
         folder = task_dir(data_dir, task)
@@ -277,6 +281,10 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
         log.info("%s: %s %.4f", task.name, task.main_metric, metrics["main_metric"])
+    if reused:
+        # whatever --data_dir holds now: the results file does not say which sets or checkpoint made them
+        log.warning("%d task(s) taken from the existing %s, not evaluated again (delete it, or give another "
+                    "--output_dir, to evaluate them anew)", reused, path)
     if skipped:
         log.warning("%d task(s) not evaluated: %s", len(skipped),
                     "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:5]) + (" ..." if len(skipped) > 5 else ""))

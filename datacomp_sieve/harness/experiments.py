@@ -151,10 +151,29 @@ def compare_rows(measured: dict, published: dict) -> list[tuple]:
     return out
 
 
-def format_compare(title: str, rows: list[tuple]) -> str:
+def not_comparable(lines: list[dict], scale: str | None) -> str | None:
+    """What makes results incomparable with the paper's numbers (toy tasks, a toy-scale model), or None."""
+    from .evaluate import TOY_TASKS
+
+    why = []
+    if any(l["dataset"] in {t.name for t in TOY_TASKS} for l in lines):
+        why.append("the toy tasks")
+    if scale == "toy":
+        why.append("a toy-scale model")
+    return " and ".join(why) or None
+
+
+def format_compare(title: str, rows: list[tuple], incomparable: str | None = None) -> str:
+    """The table; with ``incomparable`` (see ``not_comparable``) the published and diff columns say n/a."""
     f = lambda v, sign="": "-" if v is None else format(v, f"{sign}.1f")  # noqa: E731
     lines = [title, f"  {'group':<24} {'measured':>9} {'published':>10} {'diff':>7}"]
+    if incomparable:
+        lines.append(f"  measured with {incomparable}: not comparable with the paper's numbers (n/a)")
     for group, m, p, d, n, of in rows:
         partial = f"  ({n} of {of} tasks)" if n is not None and of and n != of and m is not None else ""
-        lines.append(f"  {group:<24} {f(m):>9} {f(p):>10} {f(d, '+'):>7}{partial}")
+        if incomparable:
+            p, d = "n/a", "n/a"
+        else:
+            p, d = f(p), f(d, "+")
+        lines.append(f"  {group:<24} {f(m):>9} {p:>10} {d:>7}{partial}")
     return "\n".join(lines)

@@ -63,6 +63,19 @@ class _UidSet:
         return bool(np.any(self.lo[a:b] == np.uint64(lo)))
 
 
+def check_output_is_not_input(output_dir: str | os.PathLike, shards_dir: str | os.PathLike,
+                              subset_file: str | os.PathLike | None = None) -> None:
+    """Refuse an output folder that is, or holds, the input: emptying it (--overwrite) would delete the pool."""
+    out = Path(output_dir).expanduser().resolve()
+    for flag, p in (("--shards_dir", shards_dir), ("--subset", subset_file)):
+        if p is None:
+            continue
+        p = Path(p).expanduser().resolve()
+        if p == out or out in p.parents:
+            raise UserError(f"--output_dir {output_dir} {'is' if p == out else 'contains'} {flag} {p}: resharding "
+                            "would write over (with --overwrite, delete) its input; give a folder outside it")
+
+
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, what: str = "--output_dir") -> Path:
     """Create the folder, or check that it is empty (DataComp's resharder refuses a non-empty one)."""
     out = Path(output_dir)
@@ -121,6 +134,7 @@ def reshard(shards_dir: str, subset_file: str, output_dir: str, shard_size: int 
     pairs = read_subset(subset_file)
     wanted = _UidSet(pairs, f"subset file {subset_file}")
     shards = list_shards(shards_dir)
+    check_output_is_not_input(output_dir, shards_dir, subset_file)
     out = prepare_output_dir(output_dir, overwrite)
     if wanted.duplicates:
         log.warning("the subset lists %d uid(s) more than once; each is written once (DataComp's resharder "

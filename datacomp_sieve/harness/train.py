@@ -6,6 +6,9 @@ comparable with these) plus ``toy``: a tiny ViT (``clip.TINY["ViT-B-32"]``, 64 p
 arguments DataComp's train.py passes to open_clip's main (``--train-num-samples`` is the scale's
 samples seen divided by ``num_checkpoints``, one epoch per checkpoint, ``--dataset-resampled``,
 ``--save-most-recent``, ``--resume latest``, per-GPU batch = batch / (GPUs x accum_freq)).
+A finished run (``info.json`` beside its checkpoint) is reused when asked for again with the same
+scale, data folder (and shards in it) and settings, and refused with others (resuming it would
+train nothing).
 
 Outputs, as DataComp's: ``OUTPUT_DIR/EXP_NAME/checkpoints/epoch_latest.pt`` and ``info.pkl``
 (scale, checkpoint, scale_config, data_dir, read by DataComp's evaluate.py), plus ``info.json``
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -39,6 +43,8 @@ SCALES = {
                 model="datacomp-sieve-toy", beta2=None),
 }
 DATACOMP_SCALES = ("debug", "small", "medium", "large", "xlarge")
+# open_clip_train's --precision choices, checked here so that a typo is not met by open_clip's whole usage text
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 TOY_MODEL = "datacomp-sieve-toy"
 
 
@@ -136,28 +142,68 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
                         "use --scale toy on a CPU")
     data = find_shards(data_dir)
     run_dir = Path(output_dir) / exp_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = None
-    if toy:
-        config_file = str(run_dir / f"{TOY_MODEL}.json")
-        Path(config_file).write_text(json.dumps(toy_model_config(), indent=1))
-        register_model(config_file)
+    config_file = str(run_dir / f"{TOY_MODEL}.json") if toy else None
     argv = open_clip_args(scale, data, output_dir, exp_name,
                           num_checkpoints=num_checkpoints or (1 if toy else 5), seed=seed,
                           precision=precision or ("fp32" if toy else "amp"),
                           workers=workers if workers is not None else (0 if toy else 4),
                           accum_freq=accum_freq, log_every_n_steps=1 if toy else 100)
+    checkpoint = run_dir / "checkpoints" / "epoch_latest.pt"
+    if (run_dir / "info.json").is_file() and checkpoint.is_file():
+        # open_clip's --resume latest would load the finished checkpoint and train nothing, whatever the data
+        done = json.loads((run_dir / "info.json").read_text())
+        old = run_settings(done["scale"], done["data_dir"], done.get("open_clip_args", []), done.get("cwd"))
+        new = run_settings(scale, data_dir, argv)
+        if done.get("data_fingerprint"):  # the same folder resharded anew holds other data
+            old["data_dir contents"] = done["data_fingerprint"]
+            new["data_dir contents"] = data_fingerprint(data_dir)
+        changed = [f"{k}: run {old.get(k)}, now {v}" for k, v in new.items() if old.get(k) != v]
+        if changed:
+            raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(changed)}); "
+                            "give another --exp_name, or delete that folder to train it anew")
+        log.warning("%s holds a finished run with these settings: its checkpoint is reused, nothing is trained "
+                    "(give another --exp_name, or delete that folder, to train again)", run_dir)
+        return {**done, "checkpoint": str(checkpoint)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if toy:
+        Path(config_file).write_text(json.dumps(toy_model_config(), indent=1))
+        register_model(config_file)
     log.info("open_clip_train.main %s", " ".join(argv))
     result = _run_open_clip(argv, toy)
-    checkpoint = run_dir / "checkpoints" / "epoch_latest.pt"
     if result == -1 or not checkpoint.is_file():
         raise UserError(f"training did not produce {checkpoint}; see open_clip's log {run_dir / 'out.log'}")
     info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": c, "data_dir": str(data_dir),
-            "model_config_file": config_file, "open_clip_args": argv}
+            "model_config_file": config_file, "open_clip_args": argv, "cwd": os.getcwd(),
+            "data_fingerprint": data_fingerprint(data_dir)}
     with open(run_dir / "info.pkl", "wb") as f:  # what DataComp's evaluate.py reads
         pickle.dump({k: info[k] for k in ("scale", "checkpoint", "scale_config", "data_dir")}, f)
     (run_dir / "info.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+# open_clip flags that carry the user's training settings, by the name of this tool's flag
+_SETTING_FLAGS = {"--epochs": "num_checkpoints", "--seed": "seed", "--precision": "precision", "--workers": "workers",
+                  "--accum-freq": "accum_freq"}
+
+
+def run_settings(scale: str, data_dir: str, argv: list[str], cwd: str | None = None) -> dict:
+    """What makes two training runs the same: scale, data folder (resolved) and the settings in ``argv``."""
+    out = {"scale": scale, "data_dir": os.path.realpath(Path(cwd or os.getcwd()) / data_dir)}
+    out.update({name: argv[argv.index(flag) + 1] for flag, name in _SETTING_FLAGS.items() if flag in argv})
+    return out
+
+
+def data_fingerprint(data_dir: str) -> str:
+    """A short hash of the shards' names and sizes and of sample_ids.npy: a folder resharded anew changes it."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in sorted(Path(data_dir).glob("*.tar")):
+        h.update(f"{p.name} {p.stat().st_size}\n".encode())
+    ids = Path(data_dir) / "sample_ids.npy"
+    if ids.is_file():
+        h.update(ids.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _run_open_clip(argv: list[str], toy: bool) -> int | None:
