@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..uids import require_sorted
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ class _UidSet:
     def __init__(self, pairs: np.ndarray, what: str):
         self.hi = np.ascontiguousarray(pairs[pairs.dtype.names[0]], dtype=np.uint64)
         self.lo = np.ascontiguousarray(pairs[pairs.dtype.names[1]], dtype=np.uint64)
+        require_sorted(pairs, what)
         h, lo = self.hi, self.lo
-        ascending = (h[1:] > h[:-1]) | ((h[1:] == h[:-1]) & (lo[1:] >= lo[:-1]))
-        if not bool(np.all(ascending)):
-            raise UserError(f"{what} is not sorted: DataComp's resharder (and this one) find uids by binary "
-                            "search; write it with `datacomp-sieve filter` or np.sort it first")
         self.duplicates = int(np.sum((h[1:] == h[:-1]) & (lo[1:] == lo[:-1])))
         self.unique = len(h) - self.duplicates
 
