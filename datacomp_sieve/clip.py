@@ -76,6 +76,8 @@ class ClipScorer:
         import torch
 
         self.arch, self.device, self.batch_size = arch, device, batch_size
+        if arch not in open_clip.list_models():
+            raise UserError(f"unknown CLIP model {arch!r}: open_clip's names, e.g. ViT-B-32, ViT-L-14")
         if pretrained == "tiny":
             if arch not in TINY:
                 raise UserError(f"a tiny random CLIP exists for {', '.join(TINY)}, not {arch}")

@@ -782,8 +782,8 @@ def build_toy_pool(out_dir, *, clip: str = "none", samples_per_shard: int = 40, 
         for arch in _ARCHS.values():
             if _openai_checkpoint(arch) is None:
                 raise UserError(
-                    f"clip='openai' needs OpenAI's {arch} weights in a local cache (open_clip's hf-hub or "
-                    f"~/.cache/clip); none found, and this build does not download; use clip='tiny' or 'none'"
+                    f"the openai CLIP needs OpenAI's {arch} weights in a local cache (open_clip's hf-hub or "
+                    f"~/.cache/clip); none found, and this build does not download; use tiny or none"
                 )
 
     def say(msg: str) -> None:

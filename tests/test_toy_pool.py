@@ -273,3 +273,12 @@ def test_openai_needs_cached_weights(tmp_path):
     with pytest.raises(UserError, match="cache"):
         tp.build_toy_pool(tmp_path / "p", clip="openai", progress=False)
     assert not (tmp_path / "p").exists()
+
+
+def test_an_unknown_clip_model_is_named_as_such():
+    pytest.importorskip("open_clip")
+    from datacomp_sieve.clip import ClipScorer
+
+    for pretrained in ("openai", "tiny", "laion2b_s34b_b79k"):
+        with pytest.raises(UserError, match="unknown CLIP model 'NoSuchArch'"):
+            ClipScorer("NoSuchArch", pretrained=pretrained)
