@@ -4,6 +4,7 @@ tiny random CLIP: meaningless values, the wiring is what is tested) -> native re
 training -> toy evaluation -> summary table; real outputs are checked at each step."""
 
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -54,8 +55,12 @@ def test_toy_loop_filter_reshard_train_evaluate(toy_pool, tmp_path, capsys):
 
     # 3. toy training
     runs = tmp_path / "runs"
+    loggers = logging.root.manager.loggerDict
+    levels = {n: lg.level for n, lg in loggers.items() if isinstance(lg, logging.Logger)}
     assert main(["train", "--data_dir", str(shards), "--output_dir", str(runs), "--exp_name", "sieve_clip",
                  "--scale", "toy"]) == 0
+    # open_clip's logging setup (every logger to INFO: torch's print at exit) is undone
+    assert {n: lg.level for n, lg in loggers.items() if isinstance(lg, logging.Logger) and n in levels} == levels
     run = runs / "sieve_clip"
     ckpt = run / "checkpoints" / "epoch_latest.pt"
     info = json.loads((run / "info.json").read_text())

@@ -213,6 +213,9 @@ def _run_open_clip(argv: list[str], toy: bool) -> int | None:
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # open_clip's setup_logging sets every logger that exists to INFO (torch's too: their records then
+    # print at exit); each gets its level back
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
     saved = (ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL)
     if toy:
         ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL = 1, 1
@@ -225,6 +228,9 @@ def _run_open_clip(argv: list[str], toy: bool) -> int | None:
                 root.removeHandler(h)
                 h.close()
         root.setLevel(level)
+        for name, lg in list(logging.root.manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(levels.get(name, logging.NOTSET))
 
 
 def load_info(train_output: str) -> dict:
