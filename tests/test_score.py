@@ -143,7 +143,8 @@ def test_a_shard_whose_tar_changed_is_scored_again(toy_pool, store, tmp_path, mo
     assert m["run"]["shards_skipped"] == 1 and m["run"]["shards_scored"] == 2
     assert "shard 00000001 changed since it was scored" in caplog.text
     assert "score file of shard 00000002 cannot be read" in caplog.text
-    assert list(m["truncated"]) == ["00000001"] and m["status"].get("truncated", 0) >= 1
+    # samples after the cut are lost (whether one is left "truncated" depends on where the cut falls)
+    assert list(m["truncated"]) == ["00000001"] and m["rows"] < len(read(store))
     (shards / "00000001.tar").write_bytes(whole)  # downloaded again
     m = score_pool(str(shards), str(copy), label_config(), progress=False)
     assert m["run"]["shards_scored"] == 1 and m["truncated"] == {}
