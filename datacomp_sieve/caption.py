@@ -674,6 +674,13 @@ def build_captioner(
 ) -> Captioner:
     """The captioner registered as ``name``. ``weights``: a local file or URL replacing the
     registered download (BLIP only). ``precision`` defaults to fp32 (the reference's numerics)."""
+    builder, weights = captioner_builder(name, weights)
+    return builder(device=device, precision=precision, weights=weights, cache_dir=cache_dir, **options)
+
+
+def captioner_builder(name: str, weights: str | None = None):
+    """``(builder, weights)`` for a captioner name, without loading anything: a registered name, an
+    original BLIP checkpoint (file or URL), a transformers folder or hub id; ``UserError`` otherwise."""
     import os
 
     builder = CAPTIONERS.get(name)
@@ -688,7 +695,7 @@ def build_captioner(
                 "a transformers BLIP or GIT folder, or a hub id such as Salesforce/blip-image-captioning-base "
                 "or microsoft/git-base"
             )
-    return builder(device=device, precision=precision, weights=weights, cache_dir=cache_dir, **options)
+    return builder, weights
 
 
 def _side(value, key: str) -> int | None:

@@ -62,6 +62,10 @@ def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, 
     from .score import ScoreConfig, score_pool
     from .toy_pool import build_toy_pool, rows_by_uid
 
+    if captioner:  # a name that cannot be a captioner fails now, not after the toy pool is built
+        from .caption import captioner_builder
+
+        captioner_builder(captioner)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a new or empty folder")

@@ -540,12 +540,15 @@ def test_report_in_headless_chromium(injected, chromium, tmp_path):
 # the demo
 
 
-def test_demo_refuses_a_file_as_its_folder(tmp_path, capsys):
+def test_demo_refuses_bad_input_before_any_work(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert cli.main(["demo", "--out", str(tmp_path / "notes.txt"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file; give a new or empty folder" in err[0]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert cli.main(["demo", "--out", str(tmp_path / "new"), "--captioner", "nonexist", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown captioner 'nonexist'" in err[0] and not (tmp_path / "new").exists()
 
 
 def test_demo_writes_the_report_and_says_what_it_used(tmp_path, monkeypatch, capsys):
