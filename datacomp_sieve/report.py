@@ -332,6 +332,10 @@ def _thumbnails(shards_dir: str | None, rows: dict, out: Path, progress: bool) -
             name = f"thumbs/{uid.hex()}.jpg"
             (out / name).write_bytes(buf.getvalue())
             thumbs[uid] = {"file": name, "width": im.width, "height": im.height}
+    lost = sum(1 for t in thumbs.values() if "not found in" in t.get("error", "") or "not in the shards" in t.get("error", ""))
+    if lost:  # the page shows them without images; say why here too
+        log.warning("%d of the %d samples shown were not found in %s%s", lost, len(thumbs), shards_dir,
+                    ": are these the pool's shards?" if lost == len(thumbs) else "")
     return thumbs
 
 

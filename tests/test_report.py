@@ -324,6 +324,20 @@ class _Page(HTMLParser):
             self._note = False
 
 
+def test_shards_that_are_not_the_pool_s_are_said(injected, tmp_path, capsys):
+    """--shards_dir with tars of the right names but not the pool's: the page shows no images, and
+    the run says that none of the shown samples was found there."""
+    root, _, _ = injected
+    junk = tmp_path / "shards"
+    junk.mkdir()
+    for stem in ("00000000", "00000001", "00000002"):
+        (junk / f"{stem}.tar").write_text("not a tar")
+    assert cli.main(["report", "--scores_dir", str(root / "store"), "--shards_dir", str(junk),
+                     "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "samples shown were not found in" in err and "are these the pool's shards?" in err
+
+
 def test_untrusted_text_is_only_ever_text(injected):
     root, out, s = injected
     raw = (out / "index.html").read_text()
