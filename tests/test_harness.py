@@ -135,6 +135,24 @@ def test_train_reuses_a_finished_run_only_with_the_same_settings(tmp_path, capsy
     assert "data_dir contents: run " in capsys.readouterr().err
 
 
+def test_train_resumes_an_unfinished_run_only_with_the_same_settings(tmp_path, capsys, monkeypatch):
+    """A run stopped before it finished (no info.json) is resumed by open_clip from its last
+    checkpoint: with the settings it started with, not with other data."""
+    data, other = tmp_path / "d", tmp_path / "d2"
+    for d in (data, other):
+        d.mkdir()
+        (d / "00000000.tar").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(train, "_run_open_clip", lambda argv, toy: calls.append(argv) or -1)  # stopped early
+    base = ["train", "--output_dir", str(tmp_path / "runs"), "--exp_name", "e1"]
+    assert main(base + ["--data_dir", str(data)]) == 2 and len(calls) == 1
+    assert "training did not produce" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "e1" / train.STARTED).is_file()
+    assert main(base + ["--data_dir", str(other)]) == 2 and len(calls) == 1
+    assert f"holds an unfinished run with other settings (data_dir: run {data}, now {other})" in capsys.readouterr().err
+    assert main(base + ["--data_dir", str(data)]) == 2 and len(calls) == 2  # the same settings: resumed
+
+
 def test_task_list_matches_datacomp():
     assert len(evaluate.TASKS) == 40 and len(evaluate.SCORED) == 38
     groups = {g: [t.name for t in evaluate.TASKS if t.group == g] for g in evaluate.GROUPS}

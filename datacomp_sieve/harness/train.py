@@ -8,7 +8,8 @@ samples seen divided by ``num_checkpoints``, one epoch per checkpoint, ``--datas
 ``--save-most-recent``, ``--resume latest``, per-GPU batch = batch / (GPUs x accum_freq)).
 A finished run (``info.json`` beside its checkpoint) is reused when asked for again with the same
 scale, data folder (and shards in it) and settings, and refused with others (resuming it would
-train nothing).
+train nothing); an unfinished one (``started.json``, written before training) is resumed with the
+same settings and refused with others.
 
 Outputs, as DataComp's: ``OUTPUT_DIR/EXP_NAME/checkpoints/epoch_latest.pt`` and ``info.pkl``
 (scale, checkpoint, scale_config, data_dir, read by DataComp's evaluate.py), plus ``info.json``
@@ -149,22 +150,31 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
                           workers=workers if workers is not None else (0 if toy else 4),
                           accum_freq=accum_freq, log_every_n_steps=1 if toy else 100)
     checkpoint = run_dir / "checkpoints" / "epoch_latest.pt"
-    if (run_dir / "info.json").is_file() and checkpoint.is_file():
-        # open_clip's --resume latest would load the finished checkpoint and train nothing, whatever the data
-        done = json.loads((run_dir / "info.json").read_text())
+    fingerprint = data_fingerprint(data_dir)
+    # open_clip's --resume latest continues whatever checkpoint is there, whatever the data: a finished
+    # run (info.json) would train nothing, an unfinished one (STARTED, written before training) would
+    # go on with other data; either is used only with the same settings
+    finished = (run_dir / "info.json").is_file() and checkpoint.is_file()
+    record = run_dir / ("info.json" if finished else STARTED)
+    if record.is_file():
+        done = json.loads(record.read_text())
         old = run_settings(done["scale"], done["data_dir"], done.get("open_clip_args", []), done.get("cwd"))
         new = run_settings(scale, data_dir, argv)
         if done.get("data_fingerprint"):  # the same folder resharded anew holds other data
             old["data_dir contents"] = done["data_fingerprint"]
-            new["data_dir contents"] = data_fingerprint(data_dir)
+            new["data_dir contents"] = fingerprint
         changed = [f"{k}: run {old.get(k)}, now {v}" for k, v in new.items() if old.get(k) != v]
         if changed:
-            raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(changed)}); "
-                            "give another --exp_name, or delete that folder to train it anew")
-        log.warning("%s holds a finished run with these settings: its checkpoint is reused, nothing is trained "
-                    "(give another --exp_name, or delete that folder, to train again)", run_dir)
-        return {**done, "checkpoint": str(checkpoint)}
+            raise UserError(f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run with other settings "
+                            f"({'; '.join(changed)}); give another --exp_name, or delete that folder to train it anew")
+        if finished:
+            log.warning("%s holds a finished run with these settings: its checkpoint is reused, nothing is trained "
+                        "(give another --exp_name, or delete that folder, to train again)", run_dir)
+            return {**done, "checkpoint": str(checkpoint)}
+        log.info("%s holds an unfinished run with these settings: open_clip resumes it from its last checkpoint", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STARTED).write_text(json.dumps({"scale": scale, "data_dir": str(data_dir), "open_clip_args": argv,
+                                               "cwd": os.getcwd(), "data_fingerprint": fingerprint}, indent=1))
     if toy:
         Path(config_file).write_text(json.dumps(toy_model_config(), indent=1))
         register_model(config_file)
@@ -174,12 +184,15 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
         raise UserError(f"training did not produce {checkpoint}; see open_clip's log {run_dir / 'out.log'}")
     info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": c, "data_dir": str(data_dir),
             "model_config_file": config_file, "open_clip_args": argv, "cwd": os.getcwd(),
-            "data_fingerprint": data_fingerprint(data_dir)}
+            "data_fingerprint": fingerprint}
     with open(run_dir / "info.pkl", "wb") as f:  # what DataComp's evaluate.py reads
         pickle.dump({k: info[k] for k in ("scale", "checkpoint", "scale_config", "data_dir")}, f)
     (run_dir / "info.json").write_text(json.dumps(info, indent=1))
     return info
 
+
+#: the settings of a run, written before open_clip starts (info.json is written when it has finished)
+STARTED = "started.json"
 
 # open_clip flags that carry the user's training settings, by the name of this tool's flag
 _SETTING_FLAGS = {"--epochs": "num_checkpoints", "--seed": "seed", "--precision": "precision", "--workers": "workers",
