@@ -164,17 +164,11 @@ class _Kept:
     """Membership in a DataComp subset file, by binary search in the (sorted) memmap."""
 
     def __init__(self, path):
-        from .uids import read_subset, require_sorted
+        from .uids import read_subset, sorted_duplicates
 
         self.path = str(path)
         self.pairs = read_subset(path)
-        require_sorted(self.pairs, f"subset {path}")
-
-    def unique(self) -> int:
-        p = self.pairs
-        if len(p) < 2:
-            return len(p)
-        return len(p) - int(np.sum((p["f0"][1:] == p["f0"][:-1]) & (p["f1"][1:] == p["f1"][:-1])))
+        self.unique = len(self.pairs) - sorted_duplicates(self.pairs, f"subset {path}")
 
     def __call__(self, keys) -> np.ndarray:
         from .uids import keys_to_pairs
@@ -415,10 +409,10 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
         kept_n = _stream(table, fusion, kept_of, thr, first, rng, progress, "report: histograms")
         scored = sel.scored
         frac = fraction if kept_of is None else kept_n / scored
-        absent = 0 if kept_of is None else kept_of.unique() - kept_n
+        absent = 0 if kept_of is None else kept_of.unique - kept_n
         if absent:
             log.warning("%d of the subset's %d uids are not among the %d scored samples of %s", absent,
-                        kept_of.unique(), scored, scores_dir)
+                        kept_of.unique, scored, scores_dir)
         n_alone = int(scored * frac)
         if has_clip and n_alone < scored:
             for s in (scores["sieve"], scores["clip"]):
@@ -475,7 +469,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
                          for k, s in sec.items()},
             "thumbnails": sum(1 for t in thumbs.values() if "file" in t),
             "notes": list(notes or []) + _automatic_notes(config, clip_source, terms, models=notes is None) + (
-                [f"{absent:,} of the subset's {kept_of.unique():,} uids are not among the scored samples here (a "
+                [f"{absent:,} of the subset's {kept_of.unique:,} uids are not among the scored samples here (a "
                  f"subset of another pool, or shards not scored yet): kept counts only those that are."]
                 if absent else []) + ([gap[0].upper() + gap[1:] + "."] if gap else []),
             "selection_notes": list(sel.notes),

@@ -236,16 +236,19 @@ def write_subset(save_path: str | os.PathLike, keys: np.ndarray) -> tuple[Path, 
     return w.write(save_path)
 
 
-def require_sorted(pairs: np.ndarray, what: str) -> None:
-    """Refuse a ``u8,u8`` subset that is not in ascending order: DataComp's resharder (and this
-    tool) find uids in it by binary search, so an unsorted file silently matches almost nothing."""
+def sorted_duplicates(pairs: np.ndarray, what: str) -> int:
+    """How many uids a ``u8,u8`` subset lists again after their first listing; a subset that is not in
+    ascending order is refused: DataComp's resharder (and this tool) find uids in it by binary
+    search, so an unsorted file silently matches almost nothing."""
     if len(pairs) < 2:
-        return
+        return 0
     hi, lo = pairs[pairs.dtype.names[0]], pairs[pairs.dtype.names[1]]
-    ascending = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))
+    same_hi = hi[1:] == hi[:-1]
+    ascending = (hi[1:] > hi[:-1]) | (same_hi & (lo[1:] >= lo[:-1]))
     if not bool(np.all(ascending)):
         raise UserError(f"{what} is not sorted: DataComp's resharder (and this tool) find uids by binary "
                         "search; write it with `datacomp-sieve filter` or np.sort it first")
+    return int(np.sum(same_hi & (lo[1:] == lo[:-1])))
 
 
 def read_subset(path: str | os.PathLike) -> np.ndarray:

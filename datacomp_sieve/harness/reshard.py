@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..uids import require_sorted
+from ..uids import sorted_duplicates
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,8 @@ class _UidSet:
     def __init__(self, pairs: np.ndarray, what: str):
         self.hi = np.ascontiguousarray(pairs[pairs.dtype.names[0]], dtype=np.uint64)
         self.lo = np.ascontiguousarray(pairs[pairs.dtype.names[1]], dtype=np.uint64)
-        require_sorted(pairs, what)
-        h, lo = self.hi, self.lo
-        self.duplicates = int(np.sum((h[1:] == h[:-1]) & (lo[1:] == lo[:-1])))
-        self.unique = len(h) - self.duplicates
+        self.duplicates = sorted_duplicates(pairs, what)
+        self.unique = len(pairs) - self.duplicates
 
     def __contains__(self, uid: str) -> bool:
         hi, lo = int(uid[:16], 16), int(uid[16:32], 16)
