@@ -297,11 +297,13 @@ def _thumbnails(shards_dir: str | None, rows: dict, out: Path, progress: bool) -
         return thumbs
     shards = {s.stem: s for s in list_shards(shards_dir)}
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    lost = 0  # shown samples the shards folder does not hold
     for stem in tqdm(sorted(by_stem), desc="thumbnails", unit="shard", disable=not progress, leave=False):
         keys = by_stem[stem]
         if stem not in shards:
             for uid in keys.values():
                 thumbs[uid] = {"error": f"shard {stem}.tar is not in the shards folder"}
+            lost += len(keys)
             continue
         try:
             samples = read_samples(shards[stem], keys)
@@ -312,6 +314,7 @@ def _thumbnails(shards_dir: str | None, rows: dict, out: Path, progress: bool) -
             s = samples.get(key)
             if s is None:
                 thumbs[uid] = {"error": f"sample {key} not found in {stem}.tar"}
+                lost += 1
                 continue
             rows[uid]["text"] = s.text
             rows[uid]["json"] = s.json
@@ -326,7 +329,6 @@ def _thumbnails(shards_dir: str | None, rows: dict, out: Path, progress: bool) -
             name = f"thumbs/{uid.hex()}.jpg"
             (out / name).write_bytes(buf.getvalue())
             thumbs[uid] = {"file": name, "width": im.width, "height": im.height}
-    lost = sum(1 for t in thumbs.values() if "not found in" in t.get("error", "") or "not in the shards" in t.get("error", ""))
     if lost:  # the page shows them without images; say why here too
         log.warning("%d of the %d samples shown were not found in %s%s", lost, len(thumbs), shards_dir,
                     ": are these the pool's shards?" if lost == len(thumbs) else "")
