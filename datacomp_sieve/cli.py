@@ -161,7 +161,6 @@ def _clip_from_store_when_metadata_lacks_it(args: argparse.Namespace, opts) -> N
 def _complete_store(args: argparse.Namespace, opts) -> None:
     """Sieve names with --shards_dir: score what the store lacks (all of it, the first time)."""
     from .score import ScoreConfig, score_pool
-    from .shards import list_shards
     from .store import ScoreStore, differences
 
     if not opts.scores_dir:
@@ -183,10 +182,8 @@ def _complete_store(args: argparse.Namespace, opts) -> None:
                             f"give ({diff}); give the store's settings, leave out --shards_dir to select from "
                             f"the store as it is, or --overwrite to score it again")
         config = ScoreConfig(**old["config"])  # finish the store on the device settings that began it
-    missing = store.missing([s.stem for s in list_shards(args.shards_dir)])
-    if missing:
-        log.info("%d shard(s) to score before selecting", len(missing))
-    # also when every shard has a score file: one made from a tar that has changed since is redone
+    # score_pool says how many shards it scores, and loads no model when the store is complete (a
+    # shard whose tar has changed since is scored again)
     score_pool(args.shards_dir, opts.scores_dir, config, overwrite=args.overwrite, progress=opts.progress,
                engine=_engine(args, config))
 

@@ -894,11 +894,13 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     by_stem = {s.stem: s for s in shards}
     known = {} if overwrite else store.stats_of(sorted(store.completed() & set(by_stem)))
     todo = [s.stem for s in shards if not _scored(s, known)]
-    if not todo and store.manifest() is not None:
+    manifest = None if todo else store.manifest()
+    if manifest is not None:
         log.info("all %d shards are already scored in %s: nothing to do", len(shards), scores_dir)
         engine.close()
         # the file keeps the last scoring run's details; the caller learns what this one did
-        return {**store.manifest(), "run": {"shards_scored": 0, "shards_skipped": len(shards), "shards_failed": 0}}
+        return {**manifest, "run": {"shards_scored": 0, "shards_skipped": len(shards), "shards_failed": 0}}
+    log.info("%d of %d shard(s) to score", len(todo), len(shards))
     t0 = time.time()
     models = engine.start(cfg, n_shards=len(todo))
     load_s = time.time() - t0
@@ -927,10 +929,10 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
         bar.close()
         engine.close()
     done = [s.stem for s in shards if s.stem not in failed]
-    new = set(todo)
-    known = {k: v for k, v in known.items() if k not in new}  # the shards scored again have new stats
-    manifest = build_manifest(store, done, {**identity, "models": models}, {**known, **store.stats_of(
-        [s for s in done if s not in known])})
+    scored = set(todo)  # their files are new: their statistics are read again, the others' are known
+    stats = {k: v for k, v in known.items() if k not in scored}
+    stats.update(store.stats_of([s for s in done if s not in stats]))
+    manifest = build_manifest(store, done, {**identity, "models": models}, stats)
     manifest["failed"] = dict(sorted(failed.items()))
     manifest["run"] = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped,
                        "shards_failed": len(failed), "model_load_seconds": round(load_s, 3),

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import uuid
-from typing import Iterable
 
 from .errors import UserError, error_line
 
@@ -125,10 +124,6 @@ class ScoreStore:
     # -- shards --------------------------------------------------------------------------------
     def done(self, stem: str) -> bool:
         return self.fs.exists(self.shard_path(stem))
-
-    def missing(self, stems: Iterable[str]) -> list[str]:
-        have = self.completed()
-        return [s for s in stems if s not in have]
 
     def completed(self) -> set[str]:
         if not self.fs.exists(self.root):
