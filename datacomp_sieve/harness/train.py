@@ -173,8 +173,9 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
             return {**done, "checkpoint": str(checkpoint)}
         log.info("%s holds an unfinished run with these settings: open_clip resumes it from its last checkpoint", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STARTED).write_text(json.dumps({"scale": scale, "data_dir": str(data_dir), "open_clip_args": argv,
-                                               "cwd": os.getcwd(), "data_fingerprint": fingerprint}, indent=1))
+    started = {"scale": scale, "data_dir": str(data_dir), "open_clip_args": argv, "cwd": os.getcwd(),
+               "data_fingerprint": fingerprint}
+    (run_dir / STARTED).write_text(json.dumps(started, indent=1))
     if toy:
         Path(config_file).write_text(json.dumps(toy_model_config(), indent=1))
         register_model(config_file)
@@ -182,9 +183,7 @@ def train(data_dir: str, output_dir: str, exp_name: str, scale: str = "toy", *, 
     result = _run_open_clip(argv, toy)
     if result == -1 or not checkpoint.is_file():
         raise UserError(f"training did not produce {checkpoint}; see open_clip's log {run_dir / 'out.log'}")
-    info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": c, "data_dir": str(data_dir),
-            "model_config_file": config_file, "open_clip_args": argv, "cwd": os.getcwd(),
-            "data_fingerprint": fingerprint}
+    info = {**started, "checkpoint": str(checkpoint), "scale_config": c, "model_config_file": config_file}
     with open(run_dir / "info.pkl", "wb") as f:  # what DataComp's evaluate.py reads
         pickle.dump({k: info[k] for k in ("scale", "checkpoint", "scale_config", "data_dir")}, f)
     (run_dir / "info.json").write_text(json.dumps(info, indent=1))
