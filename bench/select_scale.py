@@ -2,7 +2,8 @@
 
     python bench/select_scale.py --rows 12800000 128000000 --work_dir /tmp/select-bench
 
-For each size it writes a synthetic score store (uid, sieve_score, clip_score; 1M rows per file),
+For each size it writes a synthetic score store (uid, sieve_score, clip_score; 1M rows per file,
+or ``--rows_per_file 10000`` for the layout ``score`` writes: one file per 10,000-sample shard),
 then runs, each in its own process, sieve_clip fusion (alpha 0.5) + top-20% selection + sorted
 uid file with (a) this tool's engine and (b) the in-memory method of DataComp / the reference
 code (baselines/in_memory.py), and reports wall time, peak RSS, and whether the two .npy files
@@ -40,8 +41,8 @@ GENERATE = """
 import sys
 sys.path.insert(0, sys.argv[3])
 from synth_store import write_folder
-rows = int(sys.argv[2])
-write_folder(sys.argv[1], rows=rows, files=max(1, rows // 1_000_000), seed=rows % 997,
+rows, per_file = int(sys.argv[2]), int(sys.argv[4])
+write_folder(sys.argv[1], rows=rows, files=max(1, rows // per_file), seed=rows % 997,
              columns=("sieve_score", "clip_score"), missing=0.001, keep_uids=False)
 """
 
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[12_800_000, 128_000_000])
     ap.add_argument("--work_dir", default="/tmp/datacomp-sieve-select-bench")
     ap.add_argument("--methods", nargs="+", default=["engine", "in_memory"], choices=["engine", "in_memory"])
+    ap.add_argument("--rows_per_file", type=int, default=1_000_000,
+                    help="rows in each file of the synthetic store (10000: one file per DataComp shard, "
+                         "as the score store has)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic stores for later runs")
     ap.add_argument("--memory_limit_gb", type=float, default=18.0,
                     help="address-space cap for each method's process, so that running out of memory "
@@ -81,10 +85,12 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     rows_out = []
     for rows in args.rows:
-        store = Path(args.work_dir) / f"store_{rows}"
+        store = Path(args.work_dir) / (f"store_{rows}" if args.rows_per_file == 1_000_000
+                                        else f"store_{rows}_per{args.rows_per_file}")
         if not (store / "DONE").exists():
             t0 = time.time()
-            wall, _, status = measure(GENERATE, str(store), str(rows), str(ROOT / "bench"))
+            wall, _, status = measure(GENERATE, str(store), str(rows), str(ROOT / "bench"),
+                                     str(args.rows_per_file))
             if status:
                 raise SystemExit(f"writing the synthetic store failed (status {status})")
             (store / "DONE").write_text("")

@@ -7,7 +7,7 @@ pool in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .errors import UserError
@@ -33,14 +33,29 @@ def open_folder(url: str, what: str, not_a_folder: str = ""):
     return fs, root
 
 
+@dataclass(frozen=True)
+class _Footer:
+    """What selection needs from a file's footer, kept for every file of a folder."""
+
+    groups: tuple  # rows of each row group
+    names: tuple
+    valued: frozenset  # columns whose statistics do not say every value is null
+
+
 @dataclass
 class ParquetFolder:
-    """The parquet files of one folder, opened through fsspec."""
+    """The parquet files of one folder, opened through fsspec.
+
+    A pool's store has one file per shard (128,000 files for DataComp's large pool), so each
+    footer is read once, the footers of a folder in parallel, and :meth:`batches` reads the
+    next files on threads while the caller works, joining small files' rows into full batches.
+    """
 
     url: str
     fs: object
     paths: list[str]
     what: str = "folder"
+    _footers: list | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, url: str, what: str = "folder") -> "ParquetFolder":
@@ -58,43 +73,114 @@ class ParquetFolder:
 
     def _file(self, path: str):
         import pyarrow.parquet as pq
+        from fsspec.implementations.local import LocalFileSystem
 
-        try:
-            return pq.ParquetFile(self.fs.open(path, "rb"))
+        try:  # a local file through pyarrow's own reader: no Python file object in between
+            return pq.ParquetFile(path if isinstance(self.fs, LocalFileSystem) else self.fs.open(path, "rb"))
         except Exception as e:  # pyarrow raises several kinds for a broken file
             raise UserError(f"cannot read {path}: {e}") from None
 
+    def footers(self) -> list[_Footer]:
+        """Every file's footer, in path order (read once, several at a time)."""
+        if self._footers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def read(path):
+                meta = self._file(path).metadata
+                names = tuple(meta.schema.to_arrow_schema().names)
+                valued = set()
+                for i, name in enumerate(names):
+                    for g in range(meta.num_row_groups):
+                        rg = meta.row_group(g)
+                        st = rg.column(i).statistics
+                        if st is None or not st.has_null_count or st.null_count < rg.num_rows:
+                            valued.add(name)
+                            break
+                groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+                return _Footer(groups, names, frozenset(valued))
+
+            with ThreadPoolExecutor(min(16, len(self.paths))) as pool:
+                self._footers = list(pool.map(read, self.paths))
+        return self._footers
+
     def schema_names(self) -> set[str]:
-        return set(self._file(self.paths[0]).schema_arrow.names)
+        return set(self.footers()[0].names)
 
     def num_rows(self) -> int:
-        return sum(self._file(p).metadata.num_rows for p in self.paths)
+        return sum(sum(f.groups) for f in self.footers())
 
     def require(self, columns: Sequence[str], hint: str = "") -> None:
         """Fail with one line when a column is missing from any file."""
-        for p in self.paths:
-            names = set(self._file(p).schema_arrow.names)
-            missing = [c for c in columns if c not in names]
+        for p, footer in zip(self.paths, self.footers()):
+            missing = [c for c in columns if c not in footer.names]
             if missing:
                 msg = f"{p} has no column {', '.join(missing)}"
                 raise UserError(f"{msg}; {hint}" if hint else msg)
 
     def has_values(self, column: str) -> bool:
         """Whether any row has a non-null value in ``column`` (read from the footers when possible)."""
-        for p in self.paths:
-            f = self._file(p)
-            if column not in f.schema_arrow.names:
-                continue
-            idx = f.schema_arrow.names.index(column)
-            for g in range(f.metadata.num_row_groups):
-                rg = f.metadata.row_group(g)
-                st = rg.column(idx).statistics
-                if st is None or not st.has_null_count or st.null_count < rg.num_rows:
-                    return True
-        return False
+        return any(column in f.valued for f in self.footers())
 
     def batches(self, columns: Sequence[str], batch_rows: int = 1 << 20) -> Iterator:
-        """Yield pyarrow RecordBatches of the given columns over all files, in file order."""
-        for p in self.paths:
-            f = self._file(p)
-            yield from f.iter_batches(batch_size=batch_rows, columns=list(columns))
+        """Yield pyarrow Tables of the given columns over all files, in file order.
+
+        Row groups are read a few at a time on threads, up to about two batches ahead of the
+        caller; the rows of small files are joined into tables of about ``batch_rows`` rows.
+        """
+        import os
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        columns = list(columns)
+        units = [(p, g, n) for p, f in zip(self.paths, self.footers()) for g, n in enumerate(f.groups)]
+        ahead = 2 * batch_rows
+
+        def read(path, group):
+            try:
+                return self._file(path).read_row_group(group, columns=columns, use_threads=False).to_batches()
+            except (OSError, ValueError) as e:  # pyarrow's errors for a damaged file
+                raise UserError(f"cannot read {path}: {e}") from None
+
+        def stream(path, group):  # a row group too big to hold ahead, batch by batch
+            try:
+                yield from self._file(path).iter_batches(batch_size=batch_rows, row_groups=[group],
+                                                         columns=columns, use_threads=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read {path}: {e}") from None
+
+        pending: list = []
+        held = 0
+        window: deque = deque()
+        with ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1))) as pool:
+            try:
+                i = queued = 0
+                while i < len(units) or window:
+                    while i < len(units) and units[i][2] <= ahead and queued + units[i][2] <= ahead:
+                        window.append((units[i][2], pool.submit(read, *units[i][:2])))
+                        queued += units[i][2]
+                        i += 1
+                    if window:
+                        n, future = window.popleft()
+                        queued -= n
+                        got = future.result()
+                    else:
+                        got = stream(*units[i][:2])
+                        i += 1
+                    for b in got:
+                        if pending and (b.schema != pending[0].schema or held + len(b) > batch_rows):
+                            yield _concat(pending)
+                            pending, held = [], 0
+                        pending.append(b)
+                        held += len(b)
+                if pending:
+                    yield _concat(pending)
+            finally:
+                for _, future in window:
+                    future.cancel()
+
+
+def _concat(batches: list):
+    """One table of record batches that share a schema (not copied: its columns are chunked)."""
+    import pyarrow as pa
+
+    return pa.Table.from_batches(batches)

@@ -285,3 +285,95 @@ def test_rows_without_uid_are_left_out_and_counted(pool, tmp_path, caplog):
     out = tmp_path / "o.npy"
     assert run(["--name", "sieve", "--fraction", "1.0", "--scores_dir", str(s), "--save_path", str(out)]) == 0
     assert len(np.load(out)) == 6 and "2 row(s) without a uid" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading folders of many files (a score store has one file per shard)
+
+
+def _rows(n, seed):
+    rng = np.random.default_rng(seed)
+    uid = pa.array(["%032x" % v for v in rng.integers(0, 2**62, n)])
+    return {"uid": uid, "sieve_score": pa.array(rng.random(n).astype(np.float32)),
+            "clip_score": pa.array(rng.normal(0.3, 0.05, n).astype(np.float32))}
+
+
+def _write_split(folder, table, sizes, row_group_size=None):
+    """``table``'s rows in consecutive files of the given sizes (0 makes an empty file; a pair is
+    rows and row group size)."""
+    folder.mkdir()
+    start = 0
+    for i, n in enumerate(sizes):
+        n, group = n if isinstance(n, tuple) else (n, row_group_size or max(1, n))
+        pq.write_table(table.slice(start, n), folder / f"{i:08d}.parquet", row_group_size=group)
+        start += n
+    assert start == table.num_rows
+
+
+def test_folder_batches_keep_the_rows_in_order_and_join_small_files(tmp_path):
+    from datacomp_sieve.metadata import ParquetFolder
+
+    table = pa.table(_rows(4000, 5))
+    # empty, tiny, row groups too big to read ahead (streamed), several row groups, tiny again
+    sizes = [0, 3, 700, 5, (1200, 100), 2000, 92]
+    _write_split(tmp_path / "f", table, sizes)
+    folder = ParquetFolder.open(str(tmp_path / "f"))
+    got = list(folder.batches(["uid", "clip_score"], batch_rows=256))
+    assert pa.concat_tables(got).column("uid").to_pylist() == table.column("uid").to_pylist()
+    assert pa.concat_tables(got).column("clip_score").equals(table.column("clip_score"))
+    assert all(len(t) <= 256 for t in got)
+    ends = np.cumsum([len(t) for t in got])
+    bounds = np.cumsum([n[0] if isinstance(n, tuple) else n for n in sizes])
+    assert any(lo < b < hi for lo, hi in zip(ends - [len(t) for t in got], ends) for b in bounds)  # joined
+
+
+def test_a_store_of_many_small_files_selects_as_one_file(tmp_path):
+    table = pa.table(_rows(30000, 6))
+    _write_split(tmp_path / "one", table, [30000])
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 400, 200)
+    sizes[-1] = 30000 - sizes[:-1].sum()
+    _write_split(tmp_path / "many", table, sizes.tolist(), row_group_size=97)
+    outs = []
+    for name in ("one", "many"):
+        assert run(["--name", "sieve_clip", "--clip_from", "store", "--fraction", "0.3", "--scores_dir",
+                    str(tmp_path / name), "--save_path", str(tmp_path / f"{name}.npy")]) == 0
+        outs.append(tmp_path / f"{name}.npy")
+    assert len(np.load(outs[0])) >= 9000 and same_bytes(*outs)
+
+
+def test_a_folder_s_footers_are_read_once(tmp_path, monkeypatch):
+    from datacomp_sieve.metadata import ParquetFolder
+
+    _write_split(tmp_path / "f", pa.table(_rows(100, 8)), [10] * 10)
+    opened = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda source, **kw: opened.append(source) or real(source, **kw))
+    folder = ParquetFolder.open(str(tmp_path / "f"))
+    assert folder.num_rows() == 100 and "uid" in folder.schema_names()
+    folder.require(["uid", "clip_score"])
+    assert folder.has_values("sieve_score") and not folder.has_values("absent")
+    assert len(opened) == 10 == len(set(opened))
+
+
+def test_a_damaged_file_is_one_line_and_an_abandoned_read_leaves_no_thread(tmp_path):
+    import threading
+
+    from datacomp_sieve.errors import UserError
+    from datacomp_sieve.metadata import ParquetFolder
+
+    table = pa.table(_rows(3000, 9))
+    _write_split(tmp_path / "f", table, [1000, 1000, 1000])
+    folder = ParquetFolder.open(str(tmp_path / "f"))
+    before = set(threading.enumerate())
+    for _ in folder.batches(["uid"], batch_rows=100):
+        break
+    assert set(threading.enumerate()) <= before
+    bad = tmp_path / "f" / "00000001.parquet"
+    data = bytearray(bad.read_bytes())
+    data[100:20000] = bytes(19900)  # the pages, not the footer
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="cannot read .*00000001.parquet"):
+        for _ in ParquetFolder.open(str(tmp_path / "f")).batches(["uid", "sieve_score"], batch_rows=100):
+            pass
+    assert set(threading.enumerate()) <= before
