@@ -173,6 +173,111 @@ def test_summary_over_all_38_and_over_tasks_present():
 
 
 # --------------------------------------------------------------------------------------------
+# native evaluate: results reused only when made from the same checkpoint and sets
+
+
+@pytest.fixture(scope="module")
+def toy_task_sets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy_tasks")
+    evaluate.build_toy_tasks(str(d))
+    return d
+
+
+@pytest.fixture
+def toy_eval(toy_task_sets, tmp_path, monkeypatch):
+    """A training run (info.json, a checkpoint file), a copy of the toy tasks and the evaluate command;
+    the model is not loaded and each task's evaluation is faked, its calls recorded."""
+    import shutil
+
+    sets, run = tmp_path / "evalsets", tmp_path / "run"
+    shutil.copytree(toy_task_sets, sets)
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "epoch_latest.pt"
+    ckpt.write_bytes(b"weights")
+    (run / "info.json").write_text(json.dumps({"scale": "toy", "checkpoint": str(ckpt),
+                                               "scale_config": {"model": "toy"}}))
+    calls = []
+    monkeypatch.setattr(evaluate, "load_model", lambda info, device: (None, None, None))
+    monkeypatch.setattr(evaluate, "_evaluate_task",
+                        lambda task, *a: calls.append(task.name) or {"acc1": 0.5, "mean_recall@1": 0.25})
+    argv = ["evaluate", "--train_output_dir", str(run), "--data_dir", str(sets), "--tasks", "toy", "--quiet"]
+    return run, sets, calls, argv
+
+
+def test_evaluate_reuses_results_made_from_the_same_checkpoint_and_sets(toy_eval, capsys, monkeypatch):
+    import shutil
+
+    run, sets, calls, argv = toy_eval
+    fake = evaluate._evaluate_task
+    monkeypatch.setattr(evaluate, "_evaluate_task", lambda task, *a: fake(task) if not calls else 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # killed during the second task: the first one's record is kept
+        evaluate.evaluate(str(run), str(sets), "toy", progress=False)
+    assert list(json.loads((run / "eval_results.sources.json").read_text())) == ["Toy photos"]
+    monkeypatch.setattr(evaluate, "_evaluate_task", fake)
+    assert main(argv) == 0 and calls == ["Toy photos", "Toy photo captions"]
+    lines = [json.loads(l) for l in (run / "eval_results.jsonl").read_text().splitlines()]
+    assert [sorted(l) for l in lines] == [["dataset", "key", "metrics"]] * 2  # DataComp's format, nothing added
+    capsys.readouterr()
+    shutil.copytree(sets, run.parent / "copy")  # the same sets in another folder
+    for data_dir in (sets, run.parent / "copy"):
+        assert main(argv[:4] + [str(data_dir)] + argv[5:]) == 0 and len(calls) == 2
+        err = capsys.readouterr().err
+        assert f"2 task(s) taken from the existing {run / 'eval_results.jsonl'}" in err
+        assert "made from this checkpoint" in err and "unknown" not in err
+
+
+def test_evaluate_refuses_results_of_another_checkpoint(toy_eval, clone, capsys):
+    import os
+
+    run, sets, calls, argv = toy_eval
+    assert main(argv) == 0 and len(calls) == 2
+    results = (run / "eval_results.jsonl").read_text()
+    ckpt = run / "checkpoints" / "epoch_latest.pt"
+    ckpt.write_bytes(b"retrained")  # the run trained anew under the same folder
+    os.utime(ckpt, (1e9, 1e9))
+    capsys.readouterr()
+    for backend in ([], ["--datacomp", str(clone), "--datacomp_python", sys.executable]):
+        assert main(argv[:5] + backend if backend else argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "Toy photos, Toy photo captions from checkpoint" in err and "(7 bytes" in err and "(9 bytes" in err
+        assert "delete it, or give another --output_dir" in err
+    assert len(calls) == 2 and (run / "eval_results.jsonl").read_text() == results
+    assert not (run.parent / "calls.jsonl").exists()  # DataComp's evaluate.py did not run either
+
+
+def test_evaluate_refuses_results_of_other_evaluation_sets(toy_eval, capsys):
+    import shutil
+
+    run, sets, calls, argv = toy_eval
+    assert main(argv) == 0 and len(calls) == 2
+    other = run.parent / "other"
+    shutil.copytree(sets, other)
+    (other / "wds_toy-photos_test" / "classnames.txt").write_text("other\nclasses\n")
+    capsys.readouterr()
+    assert main(argv[:4] + [str(other)] + argv[5:]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"Toy photos from another evaluation set ({sets / 'wds_toy-photos_test'}, now {other}" in err
+    assert "Toy photo captions" not in err and len(calls) == 2
+    (sets / "wds_toy-photo_captions_test" / "test" / "0.tar").write_bytes(b"resharded")  # the same folder, new files
+    assert main(argv) == 2
+    assert f"Toy photo captions from another evaluation set ({sets / 'wds_toy-photo_captions_test'} has changed since)" \
+        in capsys.readouterr().err and len(calls) == 2
+
+
+def test_evaluate_results_with_no_record_are_reused_with_unknown_sources(toy_eval, capsys):
+    run, sets, calls, argv = toy_eval
+    line = {"key": "toy/photos", "dataset": "Toy photos", "metrics": {"acc1": 0.1, "main_metric": 0.1}}
+    (run / "eval_results.jsonl").write_text(json.dumps(line) + "\n")  # as DataComp's evaluate.py writes it
+    assert main(argv) == 0 and calls == ["Toy photo captions"]
+    err = capsys.readouterr().err
+    assert f"1 task(s) taken from the existing {run / 'eval_results.jsonl'}, not evaluated again" in err
+    assert "made from an unknown checkpoint and evaluation sets" in err
+    assert list(json.loads((run / "eval_results.sources.json").read_text())) == ["Toy photo captions"]
+
+
+# --------------------------------------------------------------------------------------------
 # experiments and compare
 
 

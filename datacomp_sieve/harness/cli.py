@@ -107,6 +107,23 @@ def run_train(args) -> int:
     return 0
 
 
+def _refuse_stale(train_output: str, output_dir: str | None = None, data_dir: str | None = None) -> None:
+    """DataComp's evaluate.py reuses every line of eval_results.jsonl: refuse, before it runs, lines that
+    this tool recorded as made from another checkpoint or other evaluation sets."""
+    from .evaluate import TASKS, TOY_TASKS, checkpoint_source, read_results, read_sources, split_reused
+    from .train import load_info
+
+    path = Path(output_dir or train_output) / "eval_results.jsonl"
+    try:
+        checkpoint = str(load_info(train_output)["checkpoint"])
+    except Exception:  # noqa: BLE001 - no readable info.pkl: DataComp's evaluate.py says so
+        return
+    if path.is_file() and os.path.isfile(checkpoint):
+        done = {r["dataset"] for r in read_results(path)}
+        split_reused(path, read_sources(path, done), [t for t in TASKS + TOY_TASKS if t.name in done],
+                     checkpoint_source(checkpoint), data_dir)
+
+
 def run_evaluate(args) -> int:
     from . import datacomp
     from .evaluate import build_toy_tasks, evaluate, format_summary, read_results, summarize
@@ -122,6 +139,7 @@ def run_evaluate(args) -> int:
         build_toy_tasks(args.data_dir)
         args.tasks = "toy"
     if clone:
+        _refuse_stale(args.train_output_dir, args.output_dir, args.data_dir)
         path = datacomp.evaluate(clone, python, args.train_output_dir, args.data_dir, args.batch_size, args.output_dir)
     else:
         if not args.data_dir:
@@ -139,6 +157,7 @@ def run_submit(args) -> int:
 
     clone, python = _clone(args)
     _at_least("--dataset-size", args.dataset_size, 1)
+    _refuse_stale(args.train_output_dir, data_dir=args.data_dir)
     datacomp.submit(clone, python, args.train_output_dir, samples=args.samples, dataset_size=args.dataset_size,
                     method_name=args.method_name, author=args.author, email=args.email,
                     hf_username=args.hf_username, hf_repo_name=args.hf_repo_name, track=args.track,
@@ -237,6 +256,8 @@ def run_reproduce(args) -> int:
 
                 check_output_is_not_input(row_dir / "shards", f"{args.pool}/shards")
                 datacomp.prepare_reshard_output(str(row_dir / "shards"), args.overwrite)
+            if step == "evaluate" and clone:
+                _refuse_stale(str(row_dir / "train" / row.slug), data_dir=args.eval_data_dir)
             if step == "filter" or not clone:
                 from ..cli import main
 

@@ -13,6 +13,12 @@ image-text retrieval (recall@1/5/10, main metric mean_recall@1). Tasks whose met
 DataComp's own code (WinoGAViL, WILDS, fairness) or whose set is missing are listed as not
 evaluated; the summary then says over how many tasks each number is.
 
+``eval_results.jsonl`` keeps DataComp's format; beside it, ``eval_results.sources.json`` records
+what made each line this tool wrote (the checkpoint's path, size and modification time; the
+evaluation set's folder and a hash of its file names, sizes and .txt files). A task already in the
+results file is reused only when made from the same checkpoint and set; one made from another is
+refused (a one-line error); one with no record (DataComp's own file) is reused with a warning.
+
 ``build_toy_tasks(DIR)`` writes two small local tasks in the same layout from the real photos
 that ship in scikit-image, scikit-learn and matplotlib (the toy pool's pictures): ``toy/photos``
 (classification: which photo is it, from crops and flips) and ``toy/photo_captions`` (retrieval:
@@ -21,12 +27,14 @@ each photo against its hand-written descriptions), for CI.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import tarfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from ..errors import UserError
@@ -198,11 +206,8 @@ def load_model(info: dict, device: str):
 
     register_model(info.get("model_config_file"))
     arch = info["scale_config"]["model"]
-    checkpoint = str(info["checkpoint"])
-    if not os.path.isfile(checkpoint):
-        raise UserError(f"checkpoint {checkpoint} does not exist")
     torch.manual_seed(0)
-    model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
+    model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=str(info["checkpoint"]))
     return model.eval().to(device), transform, open_clip.get_tokenizer(arch)
 
 
@@ -241,8 +246,9 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
     one line per task, ``{"key", "dataset", "metrics": {..., "main_metric"}}``) and returns
     ``{"results": {name: line}, "skipped": {name: reason}, "path": results file}``.
 
-    Tasks already in the results file are not evaluated again (as DataComp's evaluate.py does); a
-    warning says how many were taken from it.
+    Tasks already in the results file are not evaluated again (as DataComp's evaluate.py does) when
+    made from this checkpoint and these sets, or of unknown sources; a warning says how many were
+    taken from it. Those made from another checkpoint or set are a one-line error before any work.
     """
     import torch
     from tqdm import tqdm
@@ -259,13 +265,15 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
     out.mkdir(parents=True, exist_ok=True)
     path = out / "eval_results.jsonl"
     results = {r["dataset"]: r for r in read_results(path)} if path.exists() else {}
+    records = read_sources(path, results)
+    checkpoint = checkpoint_source(str(info["checkpoint"]))
+    todo = [t for t in TASK_LISTS[tasks] if t.main_metric is not None]
+    same, unknown = split_reused(path, records, [t for t in todo if t.name in results], checkpoint, data_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, transform, tokenizer = load_model(info, device)
-    skipped, reused = {}, 0
-    todo = [t for t in TASK_LISTS[tasks] if t.main_metric is not None]
+    skipped = {}
     for task in tqdm(todo, desc="evaluate", unit="task", disable=not progress):
         if task.name in results:
-            reused += 1
             continue
         why = native_support(task)
         folder = task_dir(data_dir, task)
@@ -274,21 +282,122 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
         if why is not None:
             skipped[task.name] = why
             continue
+        source = {"checkpoint": checkpoint, "eval_set": set_source(folder)}
         metrics = _evaluate_task(task, folder, model, transform, tokenizer, device, batch_size)
         metrics["main_metric"] = metrics.get(task.main_metric)
         line = {"key": task.key, "dataset": task.name, "metrics": metrics}
         results[task.name] = line
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
+        records[task.name] = source
+        _write_sources(path, records)
         log.info("%s: %s %.4f", task.name, task.main_metric, metrics["main_metric"])
-    if reused:
-        # whatever --data_dir holds now: the results file does not say which sets or checkpoint made them
-        log.warning("%d task(s) taken from the existing %s, not evaluated again (delete it, or give another "
-                    "--output_dir, to evaluate them anew)", reused, path)
+    again = "(delete it, or give another --output_dir, to evaluate them anew)"
+    if same:
+        log.warning("%d task(s) taken from the existing %s, not evaluated again: made from this checkpoint and, "
+                    "where --data_dir holds them, the same evaluation sets %s", len(same), path, again)
+    if unknown:
+        log.warning("%d task(s) taken from the existing %s, not evaluated again, made from an unknown checkpoint and "
+                    "evaluation sets (%s has no record of them: DataComp's evaluate.py or an older datacomp-sieve "
+                    "wrote them) %s", len(unknown), path, SOURCES, again)
     if skipped:
-        log.warning("%d task(s) not evaluated: %s", len(skipped),
-                    "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:5]) + (" ..." if len(skipped) > 5 else ""))
+        log.warning("%d task(s) not evaluated: %s", len(skipped), _some(f"{k} ({v})" for k, v in skipped.items()))
     return {"results": results, "skipped": skipped, "path": str(path)}
+
+
+# --------------------------------------------------------------------------------------------
+# what made each result line
+
+
+#: beside eval_results.jsonl (which keeps DataComp's format): {dataset: {"checkpoint", "eval_set"}}
+SOURCES = "eval_results.sources.json"
+
+
+def checkpoint_source(checkpoint: str) -> dict:
+    """The checkpoint file: resolved path, size and modification time (training it again changes them)."""
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    st = os.stat(checkpoint)
+    return {"path": os.path.realpath(checkpoint), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def set_source(folder: Path) -> dict:
+    """An evaluation set: its folder and a short hash of its files' names and sizes and of its .txt files
+    (nshards, class names, templates); no shard is read."""
+    h = hashlib.sha1()
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()} {p.stat().st_size}\n".encode())
+            if p.suffix == ".txt":
+                h.update(p.read_bytes())
+    return {"folder": os.path.realpath(folder), "files": h.hexdigest()[:12]}
+
+
+def read_sources(path: Path, results) -> dict:
+    """The records beside a results file, of the datasets in ``results`` ({} when there are none)."""
+    p = path.with_name(SOURCES)
+    if not results or not p.is_file():
+        return {}
+    try:
+        records = json.loads(p.read_text())
+        records = {k: v for k, v in records.items() if k in results}
+        for r in records.values():
+            r["checkpoint"]["path"], r["eval_set"]["files"]  # noqa: B018 - both required
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise UserError(f"{p} is not a record of what made {path.name}: delete both, or give another "
+                        "--output_dir") from None
+    return records
+
+
+def _write_sources(path: Path, records: dict) -> None:
+    p = path.with_name(SOURCES)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, p)
+
+
+def split_reused(path: Path, records: dict, tasks, checkpoint: dict, data_dir: str | None) -> tuple[list, list]:
+    """Of ``tasks`` (all in the results file ``path``): those recorded as made from ``checkpoint`` and
+    the sets in ``data_dir`` (where it holds them), and those with no record. Any made from another
+    checkpoint or set is a one-line UserError naming them and what changed."""
+    same, unknown, retrained, changed = [], [], {}, {}  # the last two: task name -> (then, now)
+    for task in tasks:
+        rec = records.get(task.name)
+        if rec is None:
+            unknown.append(task)
+            continue
+        folder = task_dir(data_dir, task) if data_dir else None
+        now = set_source(folder) if folder and (folder / "test" / "nshards.txt").is_file() else None
+        if rec["checkpoint"] != checkpoint:
+            retrained[task.name] = (_file(rec["checkpoint"]), _file(checkpoint))
+        if now is not None and rec["eval_set"]["files"] != now["files"]:
+            changed[task.name] = (rec["eval_set"]["folder"], now["folder"])
+        if task.name not in retrained and task.name not in changed:
+            same.append(task)
+    why = []
+    if retrained:
+        was, now = next(iter(retrained.values()))
+        why.append(f"{_some(retrained, ', ')} from checkpoint {was}, now {now}")
+    if changed:
+        was, now = next(iter(changed.values()))
+        why.append(f"{_some(changed, ', ')} from another evaluation set "
+                   + (f"({was}, now {now})" if was != now else f"({was} has changed since)"))
+    if why:
+        raise UserError(f"{path} holds results made from other sources, not reused: {'; '.join(why)}; delete it, "
+                        "or give another --output_dir, to evaluate anew")
+    return same, unknown
+
+
+def _file(checkpoint: dict) -> str:
+    when = datetime.fromtimestamp(checkpoint["mtime_ns"] / 1e9).isoformat(sep=" ", timespec="seconds")
+    return f"{checkpoint['path']} ({checkpoint['size']:,} bytes, modified {when})"
+
+
+def _some(items, sep: str = "; ", n: int = 5) -> str:
+    """The first ``n`` items joined, with "..." when there are more."""
+    items = list(items)
+    return sep.join(items[:n]) + (" ..." if len(items) > n else "")
 
 
 # --------------------------------------------------------------------------------------------
