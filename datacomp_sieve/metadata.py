@@ -124,7 +124,7 @@ class ParquetFolder:
     def batches(self, columns: Sequence[str], batch_rows: int = 1 << 20) -> Iterator:
         """Yield pyarrow Tables of the given columns over all files, in file order.
 
-        Row groups are read a few at a time on threads, up to about two batches ahead of the
+        Row groups are read a few at a time on threads, up to about a batch ahead of the
         caller; the rows of small files are joined into tables of about ``batch_rows`` rows.
         """
         import os
@@ -133,7 +133,7 @@ class ParquetFolder:
 
         columns = list(columns)
         units = [(p, g, n) for p, f in zip(self.paths, self.footers()) for g, n in enumerate(f.groups)]
-        ahead = 2 * batch_rows
+        ahead = batch_rows
 
         def read(path, group):
             try:
@@ -149,19 +149,24 @@ class ParquetFolder:
                 raise UserError(f"cannot read {path}: {e}") from None
 
         pending: list = []
-        held = 0
+        held = i = queued = 0
         window: deque = deque()
+
+        def fill():  # queue the next row groups, a batch's worth at most
+            nonlocal i, queued
+            while i < len(units) and units[i][2] <= ahead and queued + units[i][2] <= ahead:
+                window.append((units[i][2], pool.submit(read, *units[i][:2])))
+                queued += units[i][2]
+                i += 1
+
         with ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1))) as pool:
             try:
-                i = queued = 0
                 while i < len(units) or window:
-                    while i < len(units) and units[i][2] <= ahead and queued + units[i][2] <= ahead:
-                        window.append((units[i][2], pool.submit(read, *units[i][:2])))
-                        queued += units[i][2]
-                        i += 1
+                    fill()
                     if window:
                         n, future = window.popleft()
                         queued -= n
+                        fill()  # the next ones are read while this one is used
                         got = future.result()
                     else:
                         got = stream(*units[i][:2])
