@@ -8,6 +8,10 @@ then runs, each in its own process, sieve_clip fusion (alpha 0.5) + top-20% sele
 uid file with (a) this tool's engine and (b) the in-memory method of DataComp / the reference
 code (baselines/in_memory.py), and reports wall time, peak RSS, and whether the two .npy files
 are byte-identical. Peak RSS is the child's ru_maxrss (os.wait4).
+
+``--join`` measures the default path instead: the CLIPScore comes from a metadata folder (uid and
+clip_l14_similarity_score, 1M rows per file, 0.1% missing) joined on uid with a store of
+sieve_score for 90% of those uids (failed downloads have no score), in the store's own files.
 """
 
 from __future__ import annotations
@@ -36,6 +40,23 @@ from baselines import in_memory
 in_memory.fused(sys.argv[1], ["sieve_score", "clip_score"], [0.5, 0.5], sys.argv[2], 0.2)
 """
 
+ENGINE_JOIN = """
+import sys
+from datacomp_sieve.cli import baselines_main
+root = sys.argv[1]
+sys.exit(baselines_main(["--name", "sieve_clip", "--alpha", "0.5", "--fraction", "0.2", "--metadata_dir",
+                         root + "/metadata", "--scores_dir", root + "/scores", "--save_path", sys.argv[2],
+                         "--tmp_dir", root, "--quiet"]))
+"""
+
+IN_MEMORY_JOIN = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from baselines import in_memory
+root, l14 = sys.argv[1], "clip_l14_similarity_score"
+in_memory.fused(root + "/scores", ["sieve_score", l14], [0.5, 0.5], sys.argv[2], 0.2, extra=(root + "/metadata", [l14]))
+"""
+
 
 GENERATE = """
 import sys
@@ -44,6 +65,31 @@ from synth_store import write_folder
 rows, per_file = int(sys.argv[2]), int(sys.argv[4])
 write_folder(sys.argv[1], rows=rows, files=max(1, rows // per_file), seed=rows % 997,
              columns=("sieve_score", "clip_score"), missing=0.001, keep_uids=False)
+"""
+
+GENERATE_JOIN = """
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from synth_store import random_uids
+root, rows, per_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+rng = np.random.default_rng(rows % 997)
+os.makedirs(root + "/metadata", exist_ok=True); os.makedirs(root + "/scores", exist_ok=True)
+store_file = 0
+for c in range(-(-rows // 1_000_000)):
+    n = min(1_000_000, rows - c * 1_000_000)
+    uid = random_uids(rng, n)
+    clip = rng.normal(0.3, 0.05, n).astype(np.float32)
+    pq.write_table(pa.table({"uid": uid, "clip_l14_similarity_score": pa.array(clip, mask=rng.random(n) < 0.001)}),
+                   f"{root}/metadata/{c:08d}.parquet")
+    for lo in range(0, n, per_file):
+        part = uid.slice(lo, min(per_file, n - lo))
+        part = part.filter(pa.array(rng.random(len(part)) < 0.9))
+        v = rng.beta(2.0, 3.0, len(part))
+        v[: len(part) // 10] = np.round(v[: len(part) // 10], 2)
+        pq.write_table(pa.table({"uid": part, "sieve_score": v.astype(np.float32)}),
+                       f"{root}/scores/{store_file:08d}.parquet")
+        store_file += 1
 """
 
 
@@ -74,6 +120,8 @@ def main() -> None:
     ap.add_argument("--rows_per_file", type=int, default=1_000_000,
                     help="rows in each file of the synthetic store (10000: one file per DataComp shard, "
                          "as the score store has)")
+    ap.add_argument("--join", action="store_true",
+                    help="CLIPScore from a metadata folder joined on uid (the default path) instead of the store")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic stores for later runs")
     ap.add_argument("--memory_limit_gb", type=float, default=18.0,
                     help="address-space cap for each method's process, so that running out of memory "
@@ -85,11 +133,11 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     rows_out = []
     for rows in args.rows:
-        store = Path(args.work_dir) / (f"store_{rows}" if args.rows_per_file == 1_000_000
-                                        else f"store_{rows}_per{args.rows_per_file}")
+        store = Path(args.work_dir) / ((f"store_{rows}" if args.rows_per_file == 1_000_000
+                                         else f"store_{rows}_per{args.rows_per_file}") + ("_join" if args.join else ""))
         if not (store / "DONE").exists():
             t0 = time.time()
-            wall, _, status = measure(GENERATE, str(store), str(rows), str(ROOT / "bench"),
+            wall, _, status = measure(GENERATE_JOIN if args.join else GENERATE, str(store), str(rows), str(ROOT / "bench"),
                                      str(args.rows_per_file))
             if status:
                 raise SystemExit(f"writing the synthetic store failed (status {status})")
@@ -98,7 +146,8 @@ def main() -> None:
         outs = {}
         for method in args.methods:
             out = Path(args.work_dir) / f"{method}_{rows}.npy"
-            code = ENGINE if method == "engine" else IN_MEMORY
+            code = {(False, "engine"): ENGINE, (False, "in_memory"): IN_MEMORY,
+                    (True, "engine"): ENGINE_JOIN, (True, "in_memory"): IN_MEMORY_JOIN}[args.join, method]
             out.unlink(missing_ok=True)
             wall, rss, status = measure(code, str(store), str(out), str(ROOT), limit_gb=args.memory_limit_gb)
             if status:

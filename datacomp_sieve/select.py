@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import UserError
 from .metadata import ParquetFolder
-from .uids import KEY_DTYPE, keys_from_arrow
+from .uids import KEY_DTYPE, halves, key_order, keys_from_arrow, matches
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,13 @@ class JoinedTable:
                 vals = [_as_float(b.column(j + 1), c) for j, c in enumerate(columns)]
                 if dtypes[si] is None:
                     dtypes[si] = np.dtype([("k", KEY_DTYPE)] + [(f"s{j}", v.dtype) for j, v in enumerate(vals)])
-                rec = np.empty(len(keys), dtypes[si])
-                rec["k"] = keys
-                for j, v in enumerate(vals):
-                    rec[f"s{j}"] = v.astype(dtypes[si][f"s{j}"], copy=False)
                 part = keys.view(np.uint8).reshape(-1, 16)[:, 0] >> (8 - bits) if bits else np.zeros(len(keys), np.uint8)
                 order = np.argsort(part, kind="stable")
-                rec, part = rec[order], part[order]
+                part = part[order]
+                rec = np.empty(len(keys), dtypes[si])  # in partition order, a column at a time
+                rec["k"] = keys[order]
+                for j, v in enumerate(vals):
+                    rec[f"s{j}"] = v.astype(dtypes[si][f"s{j}"], copy=False)[order]
                 bounds = np.searchsorted(part, np.arange(self.parts + 1))
                 for p in range(self.parts):
                     lo, hi = bounds[p], bounds[p + 1]
@@ -210,25 +210,28 @@ class JoinedTable:
                     r = np.empty(0, dtypes[si] or np.dtype([("k", KEY_DTYPE)]))
                 else:
                     os.unlink(path)
-                r = r[np.argsort(r["k"], kind="stable")]
-                if len(r) > 1:
-                    same = r["k"][1:] == r["k"][:-1]
+                hi, lo = halves(r["k"])
+                order = key_order(hi, lo)
+                hi, lo = hi[order], lo[order]
+                if len(order) > 1:
+                    same = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
                     if same.any():
                         dups[si] += int(same.sum())
-                        r = r[np.concatenate([[True], ~same])]
-                recs.append(r)
-            common = recs[0]["k"]
-            for r in recs[1:]:
-                common = np.intersect1d(common, r["k"], assume_unique=True)
-            for si, r in enumerate(recs):
-                only[si] += len(r) - len(common)
-            out = np.empty(len(common), out_dtype)
-            out["k"] = common
+                        keep = np.concatenate([[True], ~same])
+                        order, hi, lo = order[keep], hi[keep], lo[keep]
+                recs.append((r, order, hi, lo))
+            sel = [np.arange(len(recs[0][1]))]  # positions in each source's order of the uids in all so far
+            for _, _, hi, lo in recs[1:]:
+                ia, ib = matches((recs[0][2][sel[0]], recs[0][3][sel[0]]), (hi, lo))
+                sel = [s[ia] for s in sel] + [ib]
+            out = np.empty(len(sel[0]), out_dtype)
+            out["k"] = recs[0][0]["k"][recs[0][1][sel[0]]]
             for si, (_, _, idx, _) in enumerate(sources):
-                r = recs[si]
-                pos = np.searchsorted(r["k"], common)
+                r, order = recs[si][:2]
+                rows = order[sel[si]]
+                only[si] += len(order) - len(out)
                 for j, ti in enumerate(idx):
-                    out[f"t{ti}"] = r[f"s{j}"][pos]
+                    out[f"t{ti}"] = r[f"s{j}"][rows]
             out.tofile(self._joined(p))
             joined += len(out)
             bar.update(1)

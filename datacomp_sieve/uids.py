@@ -29,6 +29,9 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _NIBBLE[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _NIBBLE[_c] = 10 + _i
+# two hex characters, read as one little-endian uint16 -> their byte (0xFFFF when either is not hex)
+_first, _second = _NIBBLE.astype(np.uint16)[np.arange(65536) & 255], _NIBBLE.astype(np.uint16)[np.arange(65536) >> 8]
+_PAIR = np.where((_first == 255) | (_second == 255), 0xFFFF, (_first << 4) | _second).astype(np.uint16)
 
 
 def uid_to_pair(uid: str) -> tuple[int, int]:
@@ -42,12 +45,11 @@ def pair_to_uid(hi: int, lo: int) -> str:
 
 def _hex_matrix_to_keys(chars: np.ndarray, what: str) -> np.ndarray:
     """(N, 32) ascii hex codes -> (N,) V16 keys."""
-    nib = _NIBBLE[chars]
-    if nib.size and nib.max() == 255:
-        bad = int((nib == 255).any(axis=1).sum())
+    packed = _PAIR[np.ascontiguousarray(chars).view("<u2")]
+    if packed.size and packed.max() > 255:
+        bad = int((packed > 255).any(axis=1).sum())
         raise UserError(f"{bad} uid(s) in {what} are not 32 hexadecimal characters")
-    packed = (nib[:, 0::2] << 4) | nib[:, 1::2]
-    return np.ascontiguousarray(packed).view(KEY_DTYPE).reshape(-1)
+    return packed.astype(np.uint8).view(KEY_DTYPE).reshape(-1)
 
 
 def keys_from_arrow(array, what: str = "the input") -> np.ndarray:
@@ -104,9 +106,45 @@ def keys_to_hex(keys: np.ndarray) -> list[str]:
     return [bytes(k).hex() for k in keys.view(np.uint8).reshape(-1, 16)]
 
 
+def halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two big-endian halves of V16 keys as native uint64: ordered as the keys are."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)
+    return (raw[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64),
+            raw[:, 8:].copy().view(">u8").reshape(-1).astype(np.uint64))
+
+
+def key_order(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """A stable sorting order of keys given as :func:`halves`.
+
+    Numpy compares 16-byte voids one byte at a time; uids are random, so the high halves alone
+    order them, and both halves are sorted on only when two high halves tie.
+    """
+    order = np.argsort(hi)
+    s = hi[order]
+    if len(s) > 1 and (s[1:] == s[:-1]).any():
+        order = np.lexsort((lo, hi))
+    return order
+
+
+def matches(a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(ia, ib)`` of the keys in both of two sorted, distinct key lists given as halves."""
+    (ha, la), (hb, lb) = a, b
+    if len(ha) > 1 and (ha[1:] == ha[:-1]).any():  # high halves tie: merge on both halves
+        h, lo = np.concatenate([ha, hb]), np.concatenate([la, lb])
+        src = np.concatenate([np.zeros(len(ha), np.uint8), np.ones(len(hb), np.uint8)])
+        idx = np.concatenate([np.arange(len(ha)), np.arange(len(hb))])
+        o = np.lexsort((src, lo, h))
+        h, lo, idx = h[o], lo[o], idx[o]
+        same = (h[1:] == h[:-1]) & (lo[1:] == lo[:-1])
+        return idx[:-1][same], idx[1:][same]
+    i = np.minimum(np.searchsorted(ha, hb), max(len(ha) - 1, 0))
+    found = (ha[i] == hb) & (la[i] == lb) if len(ha) else np.zeros(len(hb), bool)
+    return i[found], np.flatnonzero(found)
+
+
 def sort_unique(keys: np.ndarray) -> tuple[np.ndarray, int]:
     """Sorted distinct keys and how many duplicates were dropped."""
-    keys = np.sort(keys, kind="stable") if len(keys) < 2_000_000 else _sort_big(keys)
+    keys = keys[key_order(*halves(keys))]
     if len(keys) < 2:
         return keys, 0
     u8 = keys.view(np.uint8).reshape(-1, 16)
@@ -117,16 +155,6 @@ def sort_unique(keys: np.ndarray) -> tuple[np.ndarray, int]:
         keep[1:] = ~same
         keys = keys[keep]
     return keys, dups
-
-
-def _sort_big(keys: np.ndarray) -> np.ndarray:
-    """Sort many V16 keys: lexsort on the two big-endian halves is much faster than void compare."""
-    raw = keys.view(np.uint8).reshape(-1, 16)
-    hi = raw[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64)
-    lo = raw[:, 8:].copy().view(">u8").reshape(-1).astype(np.uint64)
-    order = np.lexsort((lo, hi))
-    del hi, lo
-    return keys[order]
 
 
 def subset_path(save_path: str | os.PathLike) -> Path:

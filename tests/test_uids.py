@@ -51,15 +51,20 @@ def test_null_uid_is_user_error():
         keys_from_arrow(pa.array(["0" * 32, None]))
 
 
-def test_big_sort_path_agrees_with_small(monkeypatch):
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 4, size=(5000, 16), dtype=np.uint8)  # many shared prefixes and duplicates
-    keys = raw.view("V16").reshape(-1)
-    small, d1 = sort_unique(keys)
-    from datacomp_sieve import uids as mod
-    big = mod._sort_big(keys)
-    assert np.array_equal(np.sort(keys), big)
-    assert d1 == len(keys) - len(np.unique(keys))
+@pytest.mark.parametrize("spread", [4, 256])  # 4: high halves tie, and duplicates
+def test_key_order_and_matches_agree_with_numpy_s_byte_order(spread):
+    from datacomp_sieve.uids import halves, key_order, matches
+
+    rng = np.random.default_rng(spread)
+    keys = rng.integers(0, spread, size=(5000, 16), dtype=np.uint8).view("V16").reshape(-1)
+    assert np.array_equal(key_order(*halves(keys)), np.argsort(keys, kind="stable"))
+    small, dups = sort_unique(keys)
+    assert np.array_equal(small, np.unique(keys)) and dups == len(keys) - len(np.unique(keys))
+    a, b = np.unique(keys[:3000]), np.unique(keys[2000:])
+    _, ia, ib = np.intersect1d(a, b, assume_unique=True, return_indices=True)
+    got = matches(halves(a), halves(b))
+    assert len(ia) > 100 and np.array_equal(got[0], ia) and np.array_equal(got[1], ib)
+    assert [len(x) for x in matches(halves(a[:0]), halves(b))] == [0, 0]
 
 
 def test_write_subset_sorted_unique_and_np_save_compatible(tmp_path, caplog):
