@@ -377,3 +377,32 @@ def test_a_damaged_file_is_one_line_and_an_abandoned_read_leaves_no_thread(tmp_p
         for _ in ParquetFolder.open(str(tmp_path / "f")).batches(["uid", "sieve_score"], batch_rows=100):
             pass
     assert set(threading.enumerate()) <= before
+
+
+@pytest.mark.parametrize("shared_high_half", [False, True])
+def test_join_with_duplicate_uids_byte_identical(tmp_path, monkeypatch, capsys, shared_high_half):
+    """Duplicated uids (the first row of each is used) in both sources; uids whose first 16 hex
+    characters are all the same order on their second half."""
+    monkeypatch.setattr(select_mod, "PARTITION_ROWS", 700)  # several partitions
+    rng = np.random.default_rng(11)
+    prefix = "0123456789abcdef" if shared_high_half else None
+    uids = np.array([(prefix or "%016x" % rng.integers(0, 2**63)) + "%016x" % rng.integers(0, 2**63)
+                     for _ in range(3000)])
+    meta_idx = np.concatenate([np.arange(3000), rng.choice(3000, 50)])  # 50 repeated rows
+    store_idx = np.concatenate([rng.choice(3000, 2500, replace=False), rng.choice(3000, 30)])
+    rng.shuffle(store_idx)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "s").mkdir()
+    for i, part in enumerate(np.array_split(meta_idx, 3)):
+        pq.write_table(pa.table({"uid": uids[part], L14: rng.normal(0.3, 0.05, len(part)).astype(np.float32)}),
+                       tmp_path / "m" / f"{i}.parquet")
+    for i, part in enumerate(np.array_split(store_idx, 4)):
+        pq.write_table(pa.table({"uid": uids[part], "sieve_score": rng.random(len(part)).astype(np.float32)}),
+                       tmp_path / "s" / f"{i}.parquet")
+    out = tmp_path / "ours.npy"
+    assert run(["--name", "sieve_clip", "--alpha", "0.5", "--metadata_dir", str(tmp_path / "m"), "--scores_dir",
+                str(tmp_path / "s"), "--save_path", str(out), "--tmp_dir", str(tmp_path)]) == 0
+    in_memory.fused(str(tmp_path / "s"), ["sieve_score", L14], [0.5, 0.5], str(tmp_path / "ref.npy"), 0.2,
+                    extra=(str(tmp_path / "m"), [L14]))
+    assert same_bytes(out, tmp_path / "ref.npy")
+    assert "duplicate uid(s) in score store were counted once" in capsys.readouterr().err
