@@ -85,19 +85,26 @@ class ParquetFolder:
         if self._footers is None:
             from concurrent.futures import ThreadPoolExecutor
 
+            seen: dict = {}  # one copy of each schema's names: a folder may hold 128,000 files
+
             def read(path):
                 meta = self._file(path).metadata
                 names = tuple(meta.schema.to_arrow_schema().names)
+                leaves = {meta.schema.column(j).path: j for j in range(meta.num_columns)}
                 valued = set()
-                for i, name in enumerate(names):
+                for name in names:
+                    j = leaves.get(name)
+                    if j is None:  # a nested column: no statistics of its own
+                        valued.add(name)
+                        continue
                     for g in range(meta.num_row_groups):
                         rg = meta.row_group(g)
-                        st = rg.column(i).statistics
+                        st = rg.column(j).statistics
                         if st is None or not st.has_null_count or st.null_count < rg.num_rows:
                             valued.add(name)
                             break
                 groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
-                return _Footer(groups, names, frozenset(valued))
+                return _Footer(groups, seen.setdefault(names, names), seen.setdefault(frozenset(valued), frozenset(valued)))
 
             with ThreadPoolExecutor(min(16, len(self.paths))) as pool:
                 self._footers = list(pool.map(read, self.paths))

@@ -406,3 +406,13 @@ def test_join_with_duplicate_uids_byte_identical(tmp_path, monkeypatch, capsys, 
                     extra=(str(tmp_path / "m"), [L14]))
     assert same_bytes(out, tmp_path / "ref.npy")
     assert "duplicate uid(s) in score store were counted once" in capsys.readouterr().err
+
+
+def test_has_values_reads_the_column_s_own_statistics_after_a_nested_column(tmp_path):
+    from datacomp_sieve.metadata import ParquetFolder
+
+    (tmp_path / "f").mkdir()
+    pq.write_table(pa.table({"uid": ["%032x" % i for i in range(4)], "pairs": [[{"a": 1, "b": 2}]] * 4,
+                             L14: pa.array([None] * 4, pa.float32())}), tmp_path / "f" / "a.parquet")
+    folder = ParquetFolder.open(str(tmp_path / "f"))
+    assert not folder.has_values(L14) and folder.has_values("pairs") and folder.has_values("uid")
