@@ -108,9 +108,8 @@ def keys_to_hex(keys: np.ndarray) -> list[str]:
 
 def halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The two big-endian halves of V16 keys as native uint64: ordered as the keys are."""
-    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)
-    return (raw[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64),
-            raw[:, 8:].copy().view(">u8").reshape(-1).astype(np.uint64))
+    pairs = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
+    return pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
 
 
 def key_order(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
