@@ -146,10 +146,11 @@ def run_filter(args: argparse.Namespace) -> int:
 
 def _clip_from_store_when_metadata_lacks_it(args: argparse.Namespace, opts) -> None:
     """A pool whose metadata has no CLIPScore: compute it while scoring, and fuse the store's."""
-    from .metadata import CLIP_COLUMNS, ParquetFolder
+    from .filters import folder
+    from .metadata import CLIP_COLUMNS
 
     column = CLIP_COLUMNS[args.arch]
-    if ParquetFolder.open(opts.metadata_dir, "metadata folder").has_values(column):
+    if folder(opts, opts.metadata_dir, "metadata folder").has_values(column):  # its footers serve the filter too
         return
     opts.clip_from = "store"
     if args.clip_model is None:

@@ -31,6 +31,15 @@ class FilterOptions:
     tmp_dir: str | None = None
     progress: bool = True
     sink: object = None
+    folders: dict = field(default_factory=dict, repr=False)  # opened by ``folder``, by (url, what)
+
+
+def folder(opts: FilterOptions, url: str, what: str) -> ParquetFolder:
+    """The folder at ``url``, opened once per run: a store's 12,800 footers are read once, not
+    once per term or check."""
+    if (url, what) not in opts.folders:
+        opts.folders[url, what] = ParquetFolder.open(url, what)
+    return opts.folders[url, what]
 
 
 @dataclass
@@ -44,7 +53,7 @@ class Filter:
 def _metadata(opts: FilterOptions) -> ParquetFolder:
     if not opts.metadata_dir:
         raise UserError("--metadata_dir is required: the pool's metadata folder of parquet files")
-    return ParquetFolder.open(opts.metadata_dir, "metadata folder")
+    return folder(opts, opts.metadata_dir, "metadata folder")
 
 
 def _store(opts: FilterOptions) -> ParquetFolder:
@@ -53,7 +62,7 @@ def _store(opts: FilterOptions) -> ParquetFolder:
             "this filter needs Sieve scores: pass --scores_dir DIR (a score store written by "
             "`datacomp-sieve score`)"
         )
-    return ParquetFolder.open(opts.scores_dir, "score store")
+    return folder(opts, opts.scores_dir, "score store")
 
 
 def _clip_term(opts: FilterOptions, weight: float) -> Term:
@@ -80,9 +89,9 @@ def _named_term(opts: FilterOptions, name: str, weight: float) -> Term:
         return _sieve_term(opts, weight)
     if name == "clip":
         return _clip_term(opts, weight)
-    for folder in (opts.scores_dir, opts.metadata_dir):
-        if folder:
-            f = ParquetFolder.open(folder, "score store" if folder == opts.scores_dir else "metadata folder")
+    for url in (opts.scores_dir, opts.metadata_dir):
+        if url:
+            f = folder(opts, url, "score store" if url == opts.scores_dir else "metadata folder")
             if name in f.schema_names():
                 f.require(["uid", name])
                 return Term(name, f, name, weight)

@@ -12,8 +12,9 @@ sampled while streaming:
 - galleries: per-section bounded top-k sets (the best kept, the worst dropped, the kept and
   dropped nearest the threshold), and uniform samples without replacement (random priorities,
   the k smallest kept: reservoir sampling) for the disagreement sets and the scatter plot;
-- then only the shown rows are looked up in the store (uid column per row group) and only
-  their members are read from the tars (``shards.read_samples``) for thumbnails and alt-texts.
+- then only the shown rows are looked up in the store (its uid column, read as ``filter`` reads
+  scores, then the row groups that hold them) and only their members are read from the tars
+  (``shards.read_samples``) for thumbnails and alt-texts.
 
 "Kept" is membership in ``subset`` when given (DataComp's u8,u8 file), else the top ``fraction``
 by the fused score with DataComp's threshold convention (``select.select``, exact). The fused
@@ -185,16 +186,17 @@ class _Kept:
 # the passes
 
 
-def _terms(scores_dir: str, metadata_dir: str | None, alpha: float, arch: str):
-    """The filter's terms: sieve_clip when a CLIPScore exists (metadata first), else sieve."""
-    from .filters import STORE_CLIP_COLUMN, FilterOptions, _clip_term, _sieve_term
-    from .metadata import CLIP_COLUMNS, ParquetFolder
+def _terms(opts, alpha: float):
+    """The filter's terms: sieve_clip when a CLIPScore exists (metadata first), else sieve.
+    The folders are opened once, in ``opts`` (``filters.folder``)."""
+    from .filters import STORE_CLIP_COLUMN, _clip_term, _sieve_term, folder
+    from .metadata import CLIP_COLUMNS
 
-    opts = FilterOptions(metadata_dir=metadata_dir, scores_dir=scores_dir, arch=arch)
-    store = ParquetFolder.open(scores_dir, "score store")
+    scores_dir, metadata_dir, arch = opts.scores_dir, opts.metadata_dir, opts.arch
+    store = folder(opts, scores_dir, "score store")
     source = None
     if metadata_dir:
-        meta = ParquetFolder.open(metadata_dir, "metadata folder")
+        meta = folder(opts, metadata_dir, "metadata folder")
         if CLIP_COLUMNS[arch] in meta.schema_names() and meta.has_values(CLIP_COLUMNS[arch]):
             source = f"the metadata's {CLIP_COLUMNS[arch]} (joined on uid)"
     if source is None and STORE_CLIP_COLUMN in store.schema_names() and store.has_values(STORE_CLIP_COLUMN):
@@ -238,55 +240,70 @@ def _stream(table, fusion, kept_of, thr, sections, rng, progress, desc) -> int:
     return counted
 
 
-def _lookup(scores_dir: str, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]:
-    """Store rows of the wanted uids (with their shard), status counts, and the store's rows."""
+def _lookup(store, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]:
+    """Store rows of the wanted uids (with their shard), status counts, and the store's rows.
+
+    ``store``: the store's ``ParquetFolder``; uids and statuses are read as ``filter`` reads
+    scores (``batches``: footers read once, files on threads); then the few files holding a
+    wanted uid are read for its captions.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .metadata import ParquetFolder
     from .select import _progress
     from .uids import KEY_DTYPE, keys_from_arrow
 
-    store = ParquetFolder.open(scores_dir, "score store")
+    footers = store.footers()
     want = np.sort(np.array(sorted(wanted), dtype=KEY_DTYPE)) if wanted else np.empty(0, KEY_DTYPE)
-    rows: dict = {}
+    units = [(i, g) for i, f in enumerate(footers) for g in range(len(f.groups))]  # row groups in read order
+    ends = np.cumsum([footers[i].groups[g] for i, g in units], dtype=np.int64)
+    with_status = all("status" in f.names for f in footers)
     status: dict = {}
+    hits = []  # row numbers (over the whole store, in read order) of wanted uids
     total = 0
     bar = _progress(store.num_rows(), "look up shown rows", progress)
-    for path in store.paths:
-        stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
-        f = store._file(path)
-        names = f.schema_arrow.names
-        extra = [c for c in ("key", "best_caption", "captions", "status", "error") if c in names]
-        for g in range(f.metadata.num_row_groups):
-            t = f.read_row_group(g, columns=["uid"] + (["status"] if "status" in names else []))
-            total += t.num_rows
-            if "status" in names:
-                for item in pc.value_counts(t.column("status").combine_chunks().fill_null("(none)")).to_pylist():
+    for t in store.batches(["uid", "status"] if with_status else ["uid"]):
+        if with_status:
+            for item in pc.value_counts(t.column("status").combine_chunks().fill_null("(none)")).to_pylist():
+                status[item["values"]] = status.get(item["values"], 0) + item["counts"]
+        uid = t.column("uid").combine_chunks()
+        if len(want) and len(uid):
+            where = np.flatnonzero(uid.is_valid().to_numpy(zero_copy_only=False))
+            keys = keys_from_arrow(uid.filter(uid.is_valid()), store.what)
+            pos = np.minimum(np.searchsorted(want, keys), len(want) - 1)
+            hits.append(total + where[want[pos] == keys])
+        total += t.num_rows
+        bar.update(t.num_rows)
+    bar.close()
+    if not with_status:  # files without a status column count as unknown
+        for path, f in zip(store.paths, footers):
+            if "status" in f.names:
+                column = store._file(path).read(columns=["status"], use_threads=False).column("status")
+                for item in pc.value_counts(column.combine_chunks().fill_null("(none)")).to_pylist():
                     status[item["values"]] = status.get(item["values"], 0) + item["counts"]
             else:
-                status[NO_STATUS] = status.get(NO_STATUS, 0) + t.num_rows
-            uid = t.column("uid").combine_chunks()
-            if len(want) and len(uid):
-                where = np.flatnonzero(uid.is_valid().to_numpy(zero_copy_only=False))
-                keys = keys_from_arrow(uid.filter(uid.is_valid()), store.what)
-                pos = np.minimum(np.searchsorted(want, keys), len(want) - 1)
-                hit = want[pos] == keys
-                if hit.any():
-                    at = where[hit]
-                    part = f.read_row_group(g, columns=["uid"] + extra).take(pa.array(at))
-                    for r in part.to_pylist():
-                        rows.setdefault(bytes.fromhex(r["uid"]), {**r, "shard": stem})
-            bar.update(t.num_rows)
-    bar.close()
+                status[NO_STATUS] = status.get(NO_STATUS, 0) + sum(f.groups)
+    rows: dict = {}
+    hits = np.concatenate(hits) if hits else np.empty(0, np.int64)
+    unit_of = np.searchsorted(ends, hits, side="right")
+    for u in np.unique(unit_of):
+        i, g = units[u]
+        path = store.paths[i]
+        extra = [c for c in ("key", "best_caption", "captions", "status", "error") if c in footers[i].names]
+        at = hits[unit_of == u] - (ends[u] - footers[i].groups[g])
+        part = store._file(path).read_row_group(g, columns=["uid"] + extra).take(pa.array(at))
+        stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
+        for r in part.to_pylist():
+            rows.setdefault(bytes.fromhex(r["uid"]), {**r, "shard": stem})
     return rows, status, total
 
 
-def _thumbnails(shards_dir: str | None, rows: dict, out: Path, progress: bool) -> dict:
-    """uid -> {file, width, height} or {error}; alt-text and json into ``rows``. Reads only shown members."""
+def _thumbnails(shards_dir: str | None, shards: list | None, rows: dict, out: Path, progress: bool) -> dict:
+    """uid -> {file, width, height} or {error}; alt-text and json into ``rows``. Reads only shown
+    members. ``shards``: ``list_shards(shards_dir)``, listed once by the caller."""
     from tqdm.auto import tqdm
 
-    from .shards import decode_image, list_shards, read_samples
+    from .shards import decode_image, read_samples
 
     by_stem: dict = {}
     for uid, r in rows.items():
@@ -295,7 +312,7 @@ def _thumbnails(shards_dir: str | None, rows: dict, out: Path, progress: bool) -
     thumbs: dict = {}
     if shards_dir is None:
         return thumbs
-    shards = {s.stem: s for s in list_shards(shards_dir)}
+    shards = {s.stem: s for s in shards}
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     lost = 0  # shown samples the shards folder does not hold
     for stem in tqdm(sorted(by_stem), desc="thumbnails", unit="shard", disable=not progress, leave=False):
@@ -348,6 +365,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     ``notes``: lines shown first (e.g. which models the demo could use). ``shards_dir`` None:
     galleries without thumbnails or alt-texts.
     """
+    from .filters import FilterOptions, folder
     from .select import Fusion, open_table, select
     from .store import ScoreStore
 
@@ -361,11 +379,13 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
         raise UserError(f"--out {out} exists and is not a report folder; give a new or empty folder")
-    terms, clip_source = _terms(scores_dir, metadata_dir, alpha, arch)
+    opts = FilterOptions(metadata_dir=metadata_dir, scores_dir=scores_dir, arch=arch)
+    terms, clip_source = _terms(opts, alpha)
+    shards = None
     if shards_dir is not None:
         from .shards import list_shards
 
-        list_shards(shards_dir)  # fail early, with one line, on a wrong folder
+        shards = list_shards(shards_dir)  # listed once, now: a wrong folder fails early, with one line
     kept_of = _Kept(subset) if subset else None
     has_clip = clip_source is not None
     store_obj = ScoreStore(scores_dir)
@@ -438,18 +458,14 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     for name, s in sec.items():
         if name != "scatter":
             wanted.update(k for k, _ in s.rows())
-    rows, status, store_rows = _lookup(scores_dir, wanted, progress)
+    rows, status, store_rows = _lookup(folder(opts, scores_dir, "score store"), wanted, progress)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        thumbs = _thumbnails(shards_dir, rows, tmp, progress)
-        pool_rows = None
-        if metadata_dir:
-            from .metadata import ParquetFolder
-
-            pool_rows = ParquetFolder.open(metadata_dir, "metadata folder").num_rows()
+        thumbs = _thumbnails(shards_dir, shards, rows, tmp, progress)
+        pool_rows = folder(opts, metadata_dir, "metadata folder").num_rows() if metadata_dir else None
         masking = config.get("masking", "official")
         summary = {
             "out": str(out), "index": str(out / "index.html"),

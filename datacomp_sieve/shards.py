@@ -276,27 +276,45 @@ def list_shards(shards_dir: str) -> list[Shard]:
             hint = f"; it has a shards/ folder: did you mean {shards_dir.rstrip('/')}/shards?"
         raise UserError(f"shards folder {shards_dir} has no {{:08d}}.tar shards{hint}")
     local = "file" in _protocols(fs)
+
+    def read_stats(n):
+        """(stats, why they cannot be read) of the tar named ``n``."""
+        sinfo = entries.get(f"{n[: -len('.tar')]}_stats.json")
+        if sinfo is None:
+            return None, None
+        try:
+            with fs.open(sinfo["name"], "rb") as f:
+                stats = json.loads(f.read().decode("utf-8"))
+            if not isinstance(stats, dict):
+                raise ValueError("not a JSON object")
+            return stats, None
+        except (ValueError, OSError) as e:  # a broken stats file: the tar itself is the truth
+            return None, f"{type(e).__name__}: {e}"
+
     shards = []
-    for n in tars:
+    for n, (stats, stats_error) in zip(tars, _each(fs, read_stats, tars)):
         stem = n[: -len(".tar")]
         path = entries[n]["name"]
-        stats, stats_error = None, None
-        sinfo = entries.get(f"{stem}_stats.json")
-        if sinfo is not None:
-            try:
-                with fs.open(sinfo["name"], "rb") as f:
-                    stats = json.loads(f.read().decode("utf-8"))
-                if not isinstance(stats, dict):
-                    raise ValueError("not a JSON object")
-            except (ValueError, OSError) as e:  # a broken stats file: the tar itself is the truth
-                stats, stats_error = None, f"{type(e).__name__}: {e}"
-                log.warning("shard %s: cannot read %s_stats.json (%s); ignoring it", stem, stem, stats_error)
+        if stats_error is not None:
+            log.warning("shard %s: cannot read %s_stats.json (%s); ignoring it", stem, stem, stats_error)
         pinfo = entries.get(f"{stem}.parquet")
         size = entries[n].get("size")
         shards.append(Shard(stem=stem, url=path if local else fs.unstrip_protocol(path), fs=fs, stats=stats,
                             path=path, size=int(size) if size is not None else None,
                             parquet=pinfo["name"] if pinfo is not None else None, stats_error=stats_error))
     return shards
+
+
+def _each(fs, fn, items: list) -> list:
+    """``[fn(x) for x in items]``, 16 at a time where each read is a round trip (object stores);
+    one after another on a local disk, where threads only add cost (12,800 _stats.json: 0.3 s
+    in turn, 1.2 s on 16 threads, on 2 cores)."""
+    if "file" in _protocols(fs) or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(fn, items))
 
 
 def _fs_path(shard: Shard):
@@ -816,10 +834,15 @@ def shard_uids(shard: Shard) -> dict | None:
         if not fs.exists(path):
             return None
     try:
-        with fs.open(path, "rb") as f:
-            # one thread: pyarrow reading a Python file object on its thread pool can abort the
-            # interpreter at exit ("terminate called without an active exception")
-            t = pq.read_table(f, columns=["uid", "status"], use_threads=False).to_pydict()
+        # a local file by its path (pyarrow's own reader); ParquetFile, not read_table, whose dataset
+        # layer doubles the cost; one thread: pyarrow reading a Python file object on its thread
+        # pool can abort the interpreter at exit ("terminate called without an active exception")
+        with contextlib.nullcontext(path) if "file" in _protocols(fs) else fs.open(path, "rb") as f:
+            t = pq.ParquetFile(f).read(columns=["uid", "status"], use_threads=False)
+        missing = sorted({"uid", "status"} - set(t.column_names))
+        if missing:
+            raise ValueError(f"no {' or '.join(missing)} column")
+        t = t.to_pydict()
     except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds; a missing column too
         log.warning("shard %s: cannot use %s (%s); reading the tar instead", shard.stem, path, e)
         return None
@@ -879,19 +902,23 @@ def coverage(metadata_dir: str, shards_dir: str) -> dict:
     meta.require(["uid"])
     parts = [keys_from_arrow(b.column(0).drop_null(), meta.what) for b in meta.batches(["uid"])]
     mkeys = np.concatenate(parts) if parts else np.empty(0, KEY_DTYPE)
-    skeys, from_tars, truncated = [], 0, []
-    for shard in list_shards(shards_dir):
+
+    def downloaded(shard):
+        """(uid keys, whether read from the tar, whether truncated) of one shard."""
         statuses = shard_uids(shard)
         if statuses is not None:
             uids = [u for u, st in statuses.items() if st == "success" and u]
-            if _size_problem(shard):
-                truncated.append(shard.stem)
+            cut = _size_problem(shard) is not None
         else:  # no img2dataset parquet beside the tar: read the tar itself
-            from_tars += 1
             uids = [s.uid for s in iter_samples(shard) if s.uid and s.status != "truncated"]
-            if shard.report.truncated:
-                truncated.append(shard.stem)
-        skeys.append(keys_from_strings(uids, shard.url))
+            cut = shard.report.truncated
+        return keys_from_strings(uids, shard.url), statuses is None, cut
+
+    shards = list_shards(shards_dir)
+    found = _each(shards[0].fs, downloaded, shards)
+    skeys = [k for k, _, _ in found]
+    from_tars = sum(t for _, t, _ in found)
+    truncated = [s.stem for s, (_, _, cut) in zip(shards, found) if cut]
     out = compare_uids(mkeys, np.concatenate(skeys) if skeys else np.empty(0, KEY_DTYPE))
     out.update(shards_read_from_tar=from_tars, truncated_shards=truncated)
     return out

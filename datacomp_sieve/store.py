@@ -149,10 +149,15 @@ class ScoreStore:
 
     def shard_stats(self, stem: str) -> dict:
         import pyarrow.parquet as pq
+        from fsspec.implementations.local import LocalFileSystem
 
-        with self.fs.open(self.shard_path(stem), "rb") as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-        return json.loads(meta.get(b"datacomp_sieve", b"{}"))
+        path = self.shard_path(stem)
+        if isinstance(self.fs, LocalFileSystem):  # pyarrow's own reader: twice as fast as a Python file
+            meta = pq.read_schema(path).metadata
+        else:
+            with self.fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).schema_arrow.metadata
+        return json.loads((meta or {}).get(b"datacomp_sieve", b"{}"))
 
     def stats_of(self, stems: list[str]) -> dict:
         """``shard_stats`` of many shards, read side by side (a footer each: round trips on object

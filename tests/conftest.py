@@ -25,3 +25,22 @@ def toy_pool_noclip(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_pool_noclip") / "pool"
     build_toy_pool(out, clip="none", progress=False)
     return out
+
+
+@pytest.fixture
+def footer_reads(monkeypatch):
+    """Counts, by folder URL, how many times a run reads a parquet folder's footers."""
+    from collections import Counter
+
+    from datacomp_sieve.metadata import ParquetFolder
+
+    reads = Counter()
+    real = ParquetFolder.footers
+
+    def counted(self):
+        if self._footers is None:
+            reads[str(self.url)] += 1
+        return real(self)
+
+    monkeypatch.setattr(ParquetFolder, "footers", counted)
+    return reads

@@ -380,6 +380,66 @@ def test_toy_pool_counts_match_the_filter_and_the_manifest(injected, tmp_path):
     assert "stand-in captioner, not BLIP" in page  # the manifest is in the page
 
 
+def test_each_folder_s_footers_are_read_once_and_the_shards_listed_once(injected, tmp_path, footer_reads,
+                                                                        monkeypatch):
+    """A store of 12,800 files: its footers were read three times (terms, checks, lookup) and the
+    shards folder (every _stats.json) listed twice."""
+    import datacomp_sieve.shards as shards
+
+    root, _, _ = injected
+    listed = []
+    real = shards.list_shards
+    monkeypatch.setattr(shards, "list_shards", lambda d: listed.append(d) or real(d))
+    store, meta = str(root / "store"), str(root / "pool" / "metadata")
+    write_report(store, str(root / "pool" / "shards"), tmp_path / "r", metadata_dir=meta, progress=False)
+    assert footer_reads[store] == 1 and footer_reads[meta] == 1
+    assert len(listed) == 1
+
+
+def test_lookup_reads_the_store_on_threads_and_finds_what_brute_force_finds(synth, tmp_path, monkeypatch):
+    """Shown rows and status counts as a plain read of every file gives them (the first row of a
+    uid wins; a file without a status column counts as unknown), the files read side by side as
+    ``filter`` reads them, not one after another on the caller's thread."""
+    import threading
+    from collections import Counter
+
+    from datacomp_sieve.metadata import ParquetFolder
+    from datacomp_sieve.report import NO_STATUS, _lookup
+
+    root, _ = synth
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "store", mixed)
+    first = pq.read_table(mixed / "00000000.parquet")
+    dup = first.column("uid")[7].as_py()  # a uid in two files: the first file's row is shown
+    last = pq.read_table(mixed / "00000003.parquet").drop_columns(["status"])
+    uids = last.column("uid").to_pylist()
+    uids[0] = dup
+    last = last.set_column(0, "uid", pa.array(uids, pa.string()))
+    pq.write_table(last, mixed / "00000003.parquet", row_group_size=1500)
+    on_main = []
+    real = ParquetFolder._file
+    monkeypatch.setattr(ParquetFolder, "_file", lambda self, path: on_main.append(
+        threading.current_thread() is threading.main_thread()) or real(self, path))
+    for store, with_status in ((root / "store", True), (mixed, False)):
+        files = sorted(store.glob("*.parquet"))
+        tables = [pq.read_table(f) for f in files]
+        all_uids = [u for t in tables for u in t.column("uid").to_pylist()]
+        wanted = {bytes.fromhex(u) for u in all_uids[::997]} | {bytes.fromhex(dup), b"\x01" * 16}
+        expect, status = {}, Counter()
+        for f, t in zip(files, tables):
+            for r in t.select([c for c in ("uid", "key", "best_caption", "captions", "status", "error")
+                               if c in t.column_names]).to_pylist():
+                if bytes.fromhex(r["uid"]) in wanted:
+                    expect.setdefault(bytes.fromhex(r["uid"]), {**r, "shard": f.stem})
+                status[r.get("status", NO_STATUS)] += 1
+        on_main.clear()
+        rows, got_status, total = _lookup(ParquetFolder.open(str(store)), wanted, False)
+        assert rows == expect and got_status == dict(status) and total == len(all_uids)
+        assert (NO_STATUS in got_status) is not with_status
+        groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+        assert on_main.count(False) >= groups  # every row group read on a reading thread
+
+
 # ---------------------------------------------------------------------------------------------
 # a real browser
 

@@ -577,6 +577,57 @@ def test_shard_uids_from_the_img2dataset_parquet(tmp_path):
     assert shard_uids(s3) is None   # unreadable
 
 
+def test_a_local_img2dataset_parquet_is_read_by_pyarrow_s_own_reader(tmp_path, monkeypatch):
+    """pool-info reads every shard's parquet: through a Python file object and read_table's dataset
+    layer it took three times as long (7.7 s, not 2.6 s, for 12,800 files)."""
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    write_shard(tmp_path, 0, tar_bytes([sample(0)]), parquet_rows=[{"uid": uid(0), "status": "success"}])
+    [shard] = list_shards(str(tmp_path))
+    opened = []
+    real = LocalFileSystem._open
+    monkeypatch.setattr(LocalFileSystem, "_open", lambda self, path, *a, **kw: opened.append(path) or
+                        real(self, path, *a, **kw))
+    monkeypatch.setattr(pq, "read_table", lambda *a, **kw: opened.append("read_table") or None)
+    assert shard_uids(shard) == {uid(0): "success"}
+    assert not [p for p in opened if p.endswith(".parquet") or p == "read_table"]
+
+
+def test_an_object_store_pool_is_read_a_few_files_at_a_time(memfs, monkeypatch):
+    """Listing the shards (their _stats.json) and pool-info (their parquet) read the files side by
+    side where each read is a round trip: each read here waits until all of them are under way."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    n = 3
+    for i in range(n):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"uid": [uid(i)], "status": ["success"]}), buf)
+        memfs.pipe(f"/test_shards/{i:08d}.parquet", buf.getvalue())
+        memfs.pipe(f"/test_shards/{i:08d}.tar", tar_bytes([sample(i)]))
+        memfs.pipe(f"/test_shards/{i:08d}_stats.json", json.dumps({"successes": 1}).encode())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"uid": [uid(i) for i in range(n + 1)]}), buf)
+    memfs.pipe("/test_shards/meta/m.parquet", buf.getvalue())
+    together = {end: threading.Barrier(n, timeout=10) for end in ("_stats.json", ".parquet")}
+    real = MemoryFileSystem._open
+
+    def side_by_side(self, path, *a, **kw):
+        for end, barrier in together.items():
+            if path.endswith(end) and "/meta/" not in path:
+                barrier.wait()  # one read after another breaks the barrier
+        return real(self, path, *a, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", side_by_side)
+    assert [s.stats for s in list_shards("memory://test_shards")] == [{"successes": 1}] * n
+    c = coverage("memory://test_shards/meta", "memory://test_shards")
+    assert c["matched"] == n and c["metadata_without_sample"] == 1 and c["shards_read_from_tar"] == 0
+
+
 def test_compare_uids_counts_both_sides():
     c = compare_uids([uid(i) for i in range(10)] + [uid(3)], [uid(i) for i in range(2, 12)] + [uid(5)])
     assert c == {"metadata_rows": 10, "downloaded": 10, "matched": 8, "metadata_without_sample": 2,
