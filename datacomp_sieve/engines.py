@@ -25,6 +25,7 @@ import traceback
 from dataclasses import asdict
 
 from .errors import UserError, error_line, first_line
+from .metadata import protocols
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,7 @@ class RayEngine:
         from ray.exceptions import RayError, RayTaskError
 
         for what, fs in [("--scores_dir", store.fs)] + [("--shards_dir", s.fs) for s in shards[:1] if s.fs]:
-            if "memory" in _protocols(fs):
+            if "memory" in protocols(fs):
                 raise UserError(f"{what} is on memory://, which lives in one process; Ray workers cannot see it "
                                 f"(use a shared path, file://, s3:// or gs://)")
         ledger = _Ledger(shards, store, bar, self.max_retries)
@@ -529,11 +530,6 @@ class RayEngine:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
-
-
-def _protocols(fs) -> tuple:
-    p = fs.protocol
-    return tuple(p) if isinstance(p, (tuple, list)) else (p,)
 
 
 def build_engine(name: str, config, *, scorer=None, address: str | None = "auto", gpus_per_worker: float = 1,

@@ -16,6 +16,24 @@ from .errors import UserError
 CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 
 
+def protocols(fs) -> tuple:
+    """An fsspec filesystem's protocol names ("file" for the local disk)."""
+    p = getattr(fs, "protocol", ())
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def each(fs, fn, items: list) -> list:
+    """``[fn(x) for x in items]``, 16 at a time where each read is a round trip (object stores);
+    one after another on a local disk, where threads only add cost (on 2 cores: 12,800
+    _stats.json 0.3 s in turn, 1.2 s on 16 threads; 12,800 parquet footers 2.0 s, 3.2-5.9 s)."""
+    if "file" in protocols(fs) or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(fn, items))
+
+
 def open_folder(url: str, what: str, not_a_folder: str = ""):
     """``(fs, root)`` of an existing folder (local path or fsspec URL); one-line errors otherwise."""
     import fsspec
@@ -47,7 +65,7 @@ class ParquetFolder:
     """The parquet files of one folder, opened through fsspec.
 
     A pool's store has one file per shard (128,000 files for DataComp's large pool), so each
-    footer is read once, the footers of a folder in parallel, and :meth:`batches` reads the
+    footer is read once, and :meth:`batches` reads the
     next files on threads while the caller works, joining small files' rows into full batches.
     """
 
@@ -73,18 +91,15 @@ class ParquetFolder:
 
     def _file(self, path: str):
         import pyarrow.parquet as pq
-        from fsspec.implementations.local import LocalFileSystem
 
         try:  # a local file through pyarrow's own reader: no Python file object in between
-            return pq.ParquetFile(path if isinstance(self.fs, LocalFileSystem) else self.fs.open(path, "rb"))
+            return pq.ParquetFile(path if "file" in protocols(self.fs) else self.fs.open(path, "rb"))
         except Exception as e:  # pyarrow raises several kinds for a broken file
             raise UserError(f"cannot read {path}: {e}") from None
 
     def footers(self) -> list[_Footer]:
-        """Every file's footer, in path order (read once, several at a time)."""
+        """Every file's footer, in path order (read once; several at a time on object stores)."""
         if self._footers is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             seen: dict = {}  # one copy of each schema's names: a folder may hold 128,000 files
 
             def read(path):
@@ -106,8 +121,7 @@ class ParquetFolder:
                 groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
                 return _Footer(groups, seen.setdefault(names, names), seen.setdefault(frozenset(valued), frozenset(valued)))
 
-            with ThreadPoolExecutor(min(16, len(self.paths))) as pool:
-                self._footers = list(pool.map(read, self.paths))
+            self._footers = each(self.fs, read, self.paths)
         return self._footers
 
     def schema_names(self) -> set[str]:

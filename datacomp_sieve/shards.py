@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import UserError
+from .metadata import each, protocols
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,6 @@ class UnsupportedImage(ImageError):
 # listing
 
 
-def _protocols(fs) -> tuple:
-    p = getattr(fs, "protocol", ())
-    return (p,) if isinstance(p, str) else tuple(p)
-
-
 def _basename(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1]
 
@@ -275,7 +271,7 @@ def list_shards(shards_dir: str) -> list[Shard]:
         elif entries.get("shards", {}).get("type") == "directory":
             hint = f"; it has a shards/ folder: did you mean {shards_dir.rstrip('/')}/shards?"
         raise UserError(f"shards folder {shards_dir} has no {{:08d}}.tar shards{hint}")
-    local = "file" in _protocols(fs)
+    local = "file" in protocols(fs)
 
     def read_stats(n):
         """(stats, why they cannot be read) of the tar named ``n``."""
@@ -292,7 +288,7 @@ def list_shards(shards_dir: str) -> list[Shard]:
             return None, f"{type(e).__name__}: {e}"
 
     shards = []
-    for n, (stats, stats_error) in zip(tars, _each(fs, read_stats, tars)):
+    for n, (stats, stats_error) in zip(tars, each(fs, read_stats, tars)):
         stem = n[: -len(".tar")]
         path = entries[n]["name"]
         if stats_error is not None:
@@ -303,18 +299,6 @@ def list_shards(shards_dir: str) -> list[Shard]:
                             path=path, size=int(size) if size is not None else None,
                             parquet=pinfo["name"] if pinfo is not None else None, stats_error=stats_error))
     return shards
-
-
-def _each(fs, fn, items: list) -> list:
-    """``[fn(x) for x in items]``, 16 at a time where each read is a round trip (object stores);
-    one after another on a local disk, where threads only add cost (12,800 _stats.json: 0.3 s
-    in turn, 1.2 s on 16 threads, on 2 cores)."""
-    if "file" in _protocols(fs) or len(items) < 2:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(fn, items))
 
 
 def _fs_path(shard: Shard):
@@ -588,9 +572,7 @@ def iter_samples(shard: Shard, extents: bool = False) -> Iterator[Sample]:
     fs, path = _fs_path(shard)
     local = None
     if extents:
-        from fsspec.implementations.local import LocalFileSystem
-
-        if isinstance(fs, LocalFileSystem):
+        if "file" in protocols(fs):
             where = os.path.abspath(fs._strip_protocol(path))
             with contextlib.suppress(OSError):
                 st = os.stat(where)
@@ -837,7 +819,7 @@ def shard_uids(shard: Shard) -> dict | None:
         # a local file by its path (pyarrow's own reader); ParquetFile, not read_table, whose dataset
         # layer doubles the cost; one thread: pyarrow reading a Python file object on its thread
         # pool can abort the interpreter at exit ("terminate called without an active exception")
-        with contextlib.nullcontext(path) if "file" in _protocols(fs) else fs.open(path, "rb") as f:
+        with contextlib.nullcontext(path) if "file" in protocols(fs) else fs.open(path, "rb") as f:
             t = pq.ParquetFile(f).read(columns=["uid", "status"], use_threads=False)
         missing = sorted({"uid", "status"} - set(t.column_names))
         if missing:
@@ -915,7 +897,7 @@ def coverage(metadata_dir: str, shards_dir: str) -> dict:
         return keys_from_strings(uids, shard.url), statuses is None, cut
 
     shards = list_shards(shards_dir)
-    found = _each(shards[0].fs, downloaded, shards)
+    found = each(shards[0].fs, downloaded, shards)
     skeys = [k for k, _, _ in found]
     from_tars = sum(t for _, t, _ in found)
     truncated = [s.stem for s, (_, _, cut) in zip(shards, found) if cut]

@@ -149,10 +149,11 @@ class ScoreStore:
 
     def shard_stats(self, stem: str) -> dict:
         import pyarrow.parquet as pq
-        from fsspec.implementations.local import LocalFileSystem
+
+        from .metadata import protocols
 
         path = self.shard_path(stem)
-        if isinstance(self.fs, LocalFileSystem):  # pyarrow's own reader: twice as fast as a Python file
+        if "file" in protocols(self.fs):  # pyarrow's own reader: twice as fast as a Python file
             meta = pq.read_schema(path).metadata
         else:
             with self.fs.open(path, "rb") as f:
@@ -162,7 +163,7 @@ class ScoreStore:
     def stats_of(self, stems: list[str]) -> dict:
         """``shard_stats`` of many shards, read side by side (a footer each: round trips on object
         stores); a file that cannot be read gives ``None``."""
-        from concurrent.futures import ThreadPoolExecutor
+        from .metadata import each
 
         def read(stem):
             try:
@@ -171,8 +172,7 @@ class ScoreStore:
                 log.warning("score file of shard %s cannot be read (%s)", stem, error_line(e))
                 return None
 
-        with ThreadPoolExecutor(16) as pool:
-            return dict(zip(stems, pool.map(read, stems)))
+        return dict(zip(stems, each(self.fs, read, stems)))
 
     def read_shard(self, stem: str):
         import pyarrow.parquet as pq
