@@ -34,6 +34,15 @@ def each(fs, fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
+def parquet_file(fs, path: str):
+    """``pq.ParquetFile`` of ``path`` on ``fs``: a local file by its path, through pyarrow's own reader
+    (about twice as fast as through a Python file object, which pyarrow's threads would also call
+    back into: that can abort the interpreter at exit)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path if "file" in protocols(fs) else fs.open(path, "rb"))
+
+
 def open_folder(url: str, what: str, not_a_folder: str = ""):
     """``(fs, root)`` of an existing folder (local path or fsspec URL); one-line errors otherwise."""
     import fsspec
@@ -90,10 +99,8 @@ class ParquetFolder:
         return cls(url=url, fs=fs, paths=paths, what=what)
 
     def _file(self, path: str):
-        import pyarrow.parquet as pq
-
-        try:  # a local file through pyarrow's own reader: no Python file object in between
-            return pq.ParquetFile(path if "file" in protocols(self.fs) else self.fs.open(path, "rb"))
+        try:
+            return parquet_file(self.fs, path)
         except Exception as e:  # pyarrow raises several kinds for a broken file
             raise UserError(f"cannot read {path}: {e}") from None
 
@@ -138,6 +145,10 @@ class ParquetFolder:
                 msg = f"{p} has no column {', '.join(missing)}"
                 raise UserError(f"{msg}; {hint}" if hint else msg)
 
+    def row_groups(self) -> list[tuple[int, int, int]]:
+        """``(file index, row group, rows)`` of every row group, in the order :meth:`batches` reads them."""
+        return [(i, g, n) for i, f in enumerate(self.footers()) for g, n in enumerate(f.groups)]
+
     def has_values(self, column: str) -> bool:
         """Whether any row has a non-null value in ``column`` (read from the footers when possible)."""
         return any(column in f.valued for f in self.footers())
@@ -153,7 +164,7 @@ class ParquetFolder:
         from concurrent.futures import ThreadPoolExecutor
 
         columns = list(columns)
-        units = [(p, g, n) for p, f in zip(self.paths, self.footers()) for g, n in enumerate(f.groups)]
+        units = [(self.paths[i], g, n) for i, g, n in self.row_groups()]
         ahead = batch_rows
 
         def read(path, group):

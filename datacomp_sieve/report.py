@@ -255,8 +255,8 @@ def _lookup(store, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]
 
     footers = store.footers()
     want = np.sort(np.array(sorted(wanted), dtype=KEY_DTYPE)) if wanted else np.empty(0, KEY_DTYPE)
-    units = [(i, g) for i, f in enumerate(footers) for g in range(len(f.groups))]  # row groups in read order
-    ends = np.cumsum([footers[i].groups[g] for i, g in units], dtype=np.int64)
+    units = store.row_groups()  # in the order batches() reads them
+    ends = np.cumsum([n for _, _, n in units], dtype=np.int64)
     with_status = all("status" in f.names for f in footers)
     status: dict = {}
     hits = []  # row numbers (over the whole store, in read order) of wanted uids
@@ -287,10 +287,10 @@ def _lookup(store, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]
     hits = np.concatenate(hits) if hits else np.empty(0, np.int64)
     unit_of = np.searchsorted(ends, hits, side="right")
     for u in np.unique(unit_of):
-        i, g = units[u]
+        i, g, n = units[u]
         path = store.paths[i]
         extra = [c for c in ("key", "best_caption", "captions", "status", "error") if c in footers[i].names]
-        at = hits[unit_of == u] - (ends[u] - footers[i].groups[g])
+        at = hits[unit_of == u] - (ends[u] - n)
         part = store._file(path).read_row_group(g, columns=["uid"] + extra).take(pa.array(at))
         stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
         for r in part.to_pylist():

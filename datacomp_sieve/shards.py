@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import UserError
-from .metadata import each, protocols
+from .metadata import each, parquet_file, protocols
 
 log = logging.getLogger(__name__)
 
@@ -805,8 +805,6 @@ def shard_uids(shard: Shard) -> dict | None:
     uid/status or cannot be read: read the tar then). It trusts the parquet: a tar truncated
     after img2dataset finished is not detected here (see ``coverage``).
     """
-    import pyarrow.parquet as pq
-
     fs, _ = _fs_path(shard)
     path = shard.parquet
     if path is None:
@@ -816,11 +814,9 @@ def shard_uids(shard: Shard) -> dict | None:
         if not fs.exists(path):
             return None
     try:
-        # a local file by its path (pyarrow's own reader); ParquetFile, not read_table, whose dataset
-        # layer doubles the cost; one thread: pyarrow reading a Python file object on its thread
-        # pool can abort the interpreter at exit ("terminate called without an active exception")
-        with contextlib.nullcontext(path) if "file" in protocols(fs) else fs.open(path, "rb") as f:
-            t = pq.ParquetFile(f).read(columns=["uid", "status"], use_threads=False)
+        # ParquetFile, not read_table, whose dataset layer doubles the cost; one thread: pyarrow reading
+        # a Python file object on its thread pool can abort the interpreter at exit
+        t = parquet_file(fs, path).read(columns=["uid", "status"], use_threads=False)
         missing = sorted({"uid", "status"} - set(t.column_names))
         if missing:
             raise ValueError(f"no {' or '.join(missing)} column")
