@@ -1017,6 +1017,7 @@ def _record(store, pool, identity: dict, known: dict, attempted: set, failed: di
         errors.update(failed)
         manifest = build_manifest(store, done, identity, {s: known[s] for s in done})
         manifest["failed"] = dict(sorted(errors.items()))
+        manifest["pool_shards"] = len(pool)
         manifest["run"] = run
         store.write_manifest(manifest)
         counted = present

@@ -211,13 +211,17 @@ class ScoreStore:
 
     def gaps(self) -> str | None:
         """A sentence when fewer score files are here than the manifest counts (files moved or
-        deleted since): a selection from the store would silently miss those shards' samples."""
+        deleted since), or than the pool it was made from has shards (parts of a job array still to
+        come, shards that failed): a selection from the store would silently miss their samples."""
         m = self.manifest() or {}
-        counted = m.get("shards")
+        counted, pool = m.get("shards"), m.get("pool_shards")
         have = len(self.completed())
         if isinstance(counted, int) and have < counted:
             return (f"the score store {self.url} has {have} score files but its manifest counts {counted} scored "
                     f"shards: the samples of {counted - have} shard(s) are missing from it (moved or deleted?)")
+        if isinstance(pool, int) and have < pool:
+            return (f"the score store {self.url} has {have} score files of the pool's {pool} shards: the other "
+                    f"{pool - have} are not scored yet (parts still running or not run, or failed: see its manifest)")
         return None
 
     def write_manifest(self, manifest: dict) -> None:
@@ -240,6 +244,8 @@ class ScoreStore:
                     os.link(tmp, self._path(name))  # fails where the name exists, never replaces it
                 except FileExistsError:
                     pass
+                except OSError:  # a filesystem without hard links: renamed, as on object stores
+                    self.fs.mv(tmp, self._path(name))
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)

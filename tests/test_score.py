@@ -553,10 +553,12 @@ def test_parts_run_one_after_another_make_the_whole_run_s_store(toy_pool, store,
     assert m["shards"] == 1 and m["run"]["part"] == "1/2" and m["run"]["shards_scored"] == 1
     assert "part 1/2 is done: 1 of the pool's 3 shards are in" in caplog.text
     assert "the other parts' shards are still to come" in caplog.text
+    assert "has 1 score files of the pool's 3 shards: the other 2 are not scored yet" in ScoreStore(str(out)).gaps()
     caplog.clear()
     m = score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer, part="0/2")
     assert m["shards"] == 3 and m["run"]["shards_scored"] == 2  # the manifest counts every part's files
     assert "part 0/2 is done, and so is the store: all 3 shards are in" in caplog.text
+    assert ScoreStore(str(out)).gaps() is None
     assert_same_scores(store, out)
     again = score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, part="1/2")
     assert again["run"]["shards_scored"] == 0 and again["shards"] == 3  # done: no model loaded
