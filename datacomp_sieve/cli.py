@@ -330,7 +330,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise UserError("--scores_dir is required: where the score store goes")
     config = _score_config(args)
     m = score_pool(args.shards_dir, args.scores_dir, config, overwrite=args.overwrite,
-                   progress=not args.quiet, engine=_engine(args, config))
+                   progress=not args.quiet, engine=_engine(args, config), part=args.part)
     status = ", ".join(f"{v} {k}" for k, v in sorted(m["status"].items()))
     print(f"{args.scores_dir}: {m['rows']} samples scored in {m['shards']} shards ({status}); "
           f"manifest: {args.scores_dir}/manifest.json")
@@ -362,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--scores_dir", required=True, help="the score store to write (one parquet per shard)")
     add_score_arguments(sc)
     add_engine_arguments(sc)
+    sc.add_argument("--part", metavar="K/N",
+                    help="score only part K of N of the pool's shards (every N-th shard of the sorted list from "
+                         "the K-th), K counted from 0: N jobs share one store, each scoring its part; e.g. a Slurm "
+                         "job array --array=0-31 with --part $SLURM_ARRAY_TASK_ID/32 (N written out: a task "
+                         "resubmitted alone has SLURM_ARRAY_TASK_COUNT=1). Not with --overwrite")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
     sc.set_defaults(func=run_score)
 

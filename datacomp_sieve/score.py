@@ -872,13 +872,45 @@ def _expected_samples(shard) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
+def parse_part(part: str) -> tuple[int, int]:
+    """``"K/N"`` as ``(K, N)``: the K-th of N parts of the pool, counted from 0 (as Slurm numbers
+    the tasks of ``--array=0-M``). Anything else is a ``UserError``."""
+    k, sep, n = str(part).strip().partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        k = n = None
+    if not sep or k is None:
+        raise UserError(f"--part takes K/N (part K of N, K from 0 to N-1; e.g. $SLURM_ARRAY_TASK_ID/32 in a "
+                        f"job array --array=0-31), got {part!r}")
+    if n < 1:
+        raise UserError(f"--part {part}: the number of parts must be at least 1")
+    if not 0 <= k < n:
+        raise UserError(f"--part {part}: parts are counted from 0, so K must be 0 to {n - 1} (a job array "
+                        f"numbered from 1 gives $((SLURM_ARRAY_TASK_ID - 1))/N; a task resubmitted alone has "
+                        f"SLURM_ARRAY_TASK_COUNT=1: write N out)")
+    return k, n
+
+
+def part_of(shards: list, k: int, n: int) -> list:
+    """Part ``k`` of ``n`` of the sorted shard list: every n-th shard from the k-th. Every job of a
+    job array computes the same split from the same listing; interleaving (rather than ranges)
+    keeps the parts within one shard of each other in size when the list has gaps or a short last
+    shard, and shards added after the last one leave every existing shard in its part."""
+    return shards[k::n]
+
+
 def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwrite: bool = False,
-               progress: bool = True, scorer: "ShardScorer | None" = None, engine=None) -> dict:
-    """Score every shard not yet in the store; returns the run manifest.
+               progress: bool = True, scorer: "ShardScorer | None" = None, engine=None,
+               part: str | None = None) -> dict:
+    """Score every shard not yet in the store (with ``part="K/N"``, those of part K of N:
+    ``part_of``); returns the run manifest.
 
     ``engine`` (``datacomp_sieve.engines``) runs the shards; by default this process does. Resume
     and the configuration check are done here, before any engine runs a shard. Shards that fail
     are listed in the manifest's ``failed``, and ``ShardsFailed`` is raised once the others are done.
+    Jobs running other parts may share the store: the manifest counts the score files present
+    when the run ends, whoever wrote them.
     """
     from tqdm.auto import tqdm
 
@@ -886,21 +918,33 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     from .shards import list_shards
     from .store import ScoreStore
 
+    if part is not None:
+        k, n = parse_part(part)
+        if overwrite:
+            raise UserError(f"--overwrite deletes the whole store, the score files of the other parts included: "
+                            f"not with --part {part}; run once without --part, or delete {scores_dir}, first")
     shards = list_shards(shards_dir)
+    mine = shards if part is None else part_of(shards, k, n)
     store = ScoreStore(scores_dir)
     engine = engine or InProcessEngine(scorer)
     cfg = engine.resolve(config)
     store.check({"config": cfg.identity()}, overwrite)  # before the models load
     by_stem = {s.stem: s for s in shards}
     known = {} if overwrite else store.stats_of(sorted(store.completed() & set(by_stem)))
-    todo = [s.stem for s in shards if not _scored(s, known)]
+    todo = [s.stem for s in mine if not _scored(s, known)]
     manifest = None if todo else store.manifest()
     if manifest is not None:
-        log.info("all %d shards are already scored in %s: nothing to do", len(shards), scores_dir)
+        if part is None:
+            log.info("all %d shards are already scored in %s: nothing to do", len(shards), scores_dir)
+        else:
+            log.info("the %d shard(s) of part %s are already scored in %s: nothing to do", len(mine), part,
+                     scores_dir)
+            _say_parts_to_come(part, sum(v is not None for v in known.values()), len(shards), scores_dir)
         engine.close()
         # the file keeps the last scoring run's details; the caller learns what this one did
-        return {**manifest, "run": {"shards_scored": 0, "shards_skipped": len(shards), "shards_failed": 0}}
-    log.info("%d of %d shard(s) to score", len(todo), len(shards))
+        return {**manifest, "run": {"shards_scored": 0, "shards_skipped": len(mine), "shards_failed": 0}}
+    of = "" if part is None else f" (part {part}: {len(mine)} of the pool's {len(shards)})"
+    log.info("%d of %d shard(s) to score%s", len(todo), len(mine), of)
     t0 = time.time()
     models = engine.start(cfg, n_shards=len(todo))
     load_s = time.time() - t0
@@ -914,9 +958,9 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
         raise
     if overwrite:  # open_for deleted every score file
         todo = [s.stem for s in shards]
-    skipped = len(shards) - len(todo)
+    skipped = len(mine) - len(todo)
     if skipped:
-        log.info("resuming: %d of %d shards are already scored in %s", skipped, len(shards), scores_dir)
+        log.info("resuming: %d of %d shards are already scored in %s", skipped, len(mine), scores_dir)
     for line in models.values():
         log.info("%s", line)
     expected = [_expected_samples(by_stem[s]) for s in todo]
@@ -928,31 +972,67 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     finally:
         bar.close()
         engine.close()
-    done = [s.stem for s in shards if s.stem not in failed]
-    scored = set(todo)  # their files are new: their statistics are read again, the others' are known
-    stats = {k: v for k, v in known.items() if k not in scored}
-    stats.update(store.stats_of([s for s in done if s not in stats]))
-    manifest = build_manifest(store, done, {**identity, "models": models}, stats)
-    manifest["failed"] = dict(sorted(failed.items()))
-    manifest["run"] = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped,
-                       "shards_failed": len(failed), "model_load_seconds": round(load_s, 3),
-                       "scoring_seconds": round(time.time() - t1, 3), **engine.info(), **environment()}
-    store.write_manifest(manifest)
+    # the files this run wrote are read again; those other jobs wrote meanwhile, by _record
+    scored = set(todo)
+    known = {k: v for k, v in known.items() if k not in scored}
+    run = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped, "shards_failed": len(failed),
+           **({"part": part} if part is not None else {}), "model_load_seconds": round(load_s, 3),
+           "scoring_seconds": round(time.time() - t1, 3), **engine.info(), **environment()}
+    manifest = _record(store, by_stem, {**identity, "models": models}, known, set(todo), failed, run)
     if failed:
-        raise ShardsFailed(manifest)
+        raise ShardsFailed(manifest, failed, len(mine), part)
+    if part is not None:
+        _say_parts_to_come(part, manifest["shards"], len(shards), scores_dir)
+    return manifest
+
+
+def _say_parts_to_come(part: str, present: int, total: int, scores_dir: str) -> None:
+    if present < total:
+        log.info("part %s is done: %d of the pool's %d shards are in %s; the other parts' shards are still to "
+                 "come (a part whose job died is run again)", part, present, total, scores_dir)
+    else:
+        log.info("part %s is done, and so is the store: all %d shards are in %s", part, total, scores_dir)
+
+
+def _record(store, pool, identity: dict, known: dict, attempted: set, failed: dict, run: dict) -> dict:
+    """Write the store's manifest, counting the score files of ``pool`` present now (this run's and
+    other jobs'; ``known``: statistics already read, by stem, updated here) but not the shards this
+    run failed. ``failed`` holds this run's failures and the earlier manifest's for shards still
+    missing that this run did not try (another part's, an earlier run's).
+
+    Jobs of other parts may finish at the same moment: once written, the store is listed again, and
+    the manifest written again while it has changed, so that whichever job writes last counts the
+    files of all that finished before it."""
+    pool = set(pool)
+    counted = None
+    for _ in range(5):
+        present = sorted(store.completed() & pool)
+        if present == counted:
+            break
+        known.update(store.stats_of([s for s in present if s not in known]))
+        done = [s for s in present if known[s] is not None and s not in failed]
+        here = set(present)
+        earlier = (store.manifest() or {}).get("failed") or {}
+        errors = {s: e for s, e in earlier.items() if s in pool and s not in here and s not in attempted}
+        errors.update(failed)
+        manifest = build_manifest(store, done, identity, {s: known[s] for s in done})
+        manifest["failed"] = dict(sorted(errors.items()))
+        manifest["pool_shards"] = len(pool)
+        manifest["run"] = run
+        store.write_manifest(manifest)
+        counted = present
     return manifest
 
 
 class ShardsFailed(UserError):
     """Some shards failed every attempt; the others are in the store. ``manifest`` says which and why."""
 
-    def __init__(self, manifest: dict):
+    def __init__(self, manifest: dict, failed: dict, tried: int, part: str | None = None):
         self.manifest = manifest
-        failed = manifest["failed"]
         names = ", ".join(f"{k} ({v})" for k, v in list(failed.items())[:5])
         more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
-        total = manifest["shards"] + len(failed)
-        super().__init__(f"{len(failed)} of {total} shard(s) failed: {names}{more}; the other shards are in "
+        of = "" if part is None else f" of part {part}"
+        super().__init__(f"{len(failed)} of {tried} shard(s){of} failed: {names}{more}; the other shards are in "
                          f"{manifest['store']} (errors in manifest.json); rerun to retry the failed ones")
 
 

@@ -3,14 +3,18 @@
 A shard is done when its parquet file exists: files are written under a temporary name and
 renamed, so a killed run leaves no partial file, and a rerun skips what is done. The store
 remembers the configuration that wrote it (``config.json``) and refuses to mix configurations.
-Resume is a property of the store, not of whatever engine runs the shards.
+Resume is a property of the store, not of whatever engine runs the shards. Several jobs may
+share a store (``score --part``): every file is written under a temporary name of its writer's own
+and renamed, and a job removes only temporary files too old to be another live job's.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import time
 import uuid
 
 from .errors import UserError, error_line
@@ -20,6 +24,15 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+#: A temporary file older than this is a leftover of a killed writer; younger, it may be another
+#: job's file being written right now (several jobs share a store: ``score --part``), so it is left.
+#: A temporary file lives only while one finished shard's parquet (or a JSON file) is written:
+#: seconds, minutes on a slow object store. The age, not the writer's host and process id, decides:
+#: a process id says nothing about writers on other nodes of a shared filesystem or object store, nor
+#: about one in another container of the same host (a pid namespace of its own), and a live writer's
+#: file must never be removed. Six hours also leave room for clocks that differ between the nodes and
+#: the file server; a leftover meanwhile costs only its bytes (its name is ignored everywhere).
+TMP_MAX_AGE_S = 6 * 3600
 
 
 def schema(with_clip: bool):
@@ -93,7 +106,13 @@ class ScoreStore:
                             f"--scores_dir, or --overwrite to delete them and start again")
 
     def open_for(self, config: dict, overwrite: bool = False) -> "ScoreStore":
-        """Prepare the store for a run with ``config``; refuse a different one unless overwriting."""
+        """Prepare the store for a run with ``config``; refuse a different one unless overwriting.
+
+        Other jobs may be writing to the store (``score --part``): their temporary files are left,
+        and ``config.json`` is written only when it is missing or differs, under a temporary name
+        then renamed. Of two jobs creating a store together, the one that finds the other's settings
+        there once it has written its own is refused, before it writes any shard."""
+        old = self.config()
         self.check(config, overwrite)
         self.fs.makedirs(self.root, exist_ok=True)
         if overwrite:
@@ -102,8 +121,11 @@ class ScoreStore:
                 if name.endswith(".parquet") or name in (CONFIG, MANIFEST) or name.startswith(TMP_PREFIX):
                     self.fs.rm(str(p))
         self.clean_tmp()
-        with self.fs.open(self._path(CONFIG), "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
+        if overwrite or old != config:  # deleted above, missing, or with keys this run does not check
+            # a new store's config.json is created, never replaced (on a local or shared disk): of two
+            # jobs starting together, the first one's stays and the check below refuses the other
+            self._write_json(CONFIG, config, replace=old is not None)
+            self.check(config)
         return self
 
     def config(self) -> dict | None:
@@ -113,13 +135,27 @@ class ScoreStore:
         with self.fs.open(p, "r") as f:
             return json.load(f)
 
-    def clean_tmp(self) -> None:
-        """Remove what a killed writer left behind."""
+    def clean_tmp(self, max_age_s: float = TMP_MAX_AGE_S) -> None:
+        """Remove what killed writers left behind: temporary files older than ``max_age_s`` (see
+        ``TMP_MAX_AGE_S``); a file whose age cannot be told is left."""
         if not self.fs.exists(self.root):
             return
+        now = time.time()
         for p in self.fs.ls(self.root, detail=False):
-            if os.path.basename(str(p)).startswith(TMP_PREFIX):
-                self.fs.rm(str(p))
+            if not os.path.basename(str(p)).startswith(TMP_PREFIX):
+                continue
+            try:
+                when = self.fs.modified(str(p))
+                # fsspec's dates are UTC; a date without a zone is taken as UTC, not as local time
+                age = now - (when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)).timestamp()
+            except Exception:  # noqa: BLE001 - gone meanwhile (renamed by its writer), or no dates here
+                continue
+            if age > max_age_s:
+                log.info("removing %s, left %.1f hours ago by a writer that did not finish", p, age / 3600)
+                try:
+                    self.fs.rm(str(p))
+                except FileNotFoundError:  # another job starting removed it first
+                    pass
 
     # -- shards --------------------------------------------------------------------------------
     def done(self, stem: str) -> bool:
@@ -175,20 +211,44 @@ class ScoreStore:
 
     def gaps(self) -> str | None:
         """A sentence when fewer score files are here than the manifest counts (files moved or
-        deleted since): a selection from the store would silently miss those shards' samples."""
+        deleted since), or than the pool it was made from has shards (parts of a job array still to
+        come, shards that failed): a selection from the store would silently miss their samples."""
         m = self.manifest() or {}
-        counted = m.get("shards")
+        counted, pool = m.get("shards"), m.get("pool_shards")
         have = len(self.completed())
         if isinstance(counted, int) and have < counted:
             return (f"the score store {self.url} has {have} score files but its manifest counts {counted} scored "
                     f"shards: the samples of {counted - have} shard(s) are missing from it (moved or deleted?)")
+        if isinstance(pool, int) and have < pool:
+            return (f"the score store {self.url} has {have} score files of the pool's {pool} shards: the other "
+                    f"{pool - have} are not scored yet (parts still running or not run, or failed: see its manifest)")
         return None
 
     def write_manifest(self, manifest: dict) -> None:
-        tmp = self._path(f"{TMP_PREFIX}{MANIFEST}")
-        with self.fs.open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True, default=str)
-        self.fs.mv(tmp, self._path(MANIFEST))
+        self._write_json(MANIFEST, manifest)
+
+    def _write_json(self, name: str, obj: dict, replace: bool = True) -> None:
+        """Write ``name`` whole or not at all: under a temporary name of this writer's own (jobs
+        sharing the store write theirs side by side), then renamed over it; ``replace=False`` leaves
+        one that exists (where the filesystem can say so atomically: a local or shared disk)."""
+        from .metadata import protocols
+
+        tmp = self._path(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+        try:
+            with self.fs.open(tmp, "w") as f:
+                json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            if replace or "file" not in protocols(self.fs):
+                self.fs.mv(tmp, self._path(name))
+            else:
+                try:
+                    os.link(tmp, self._path(name))  # fails where the name exists, never replaces it
+                except FileExistsError:
+                    pass
+                except OSError:  # a filesystem without hard links: renamed, as on object stores
+                    self.fs.mv(tmp, self._path(name))
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
 
     def manifest(self) -> dict | None:
         p = self._path(MANIFEST)

@@ -218,6 +218,18 @@ def test_ray_two_workers_on_file_urls_match_the_local_engine(ray_cluster, toy_po
                    progress=False, engine=ray_engine())
 
 
+def test_ray_runs_a_part_of_the_pool_and_the_parts_make_the_whole_store(ray_cluster, toy_pool, reference,
+                                                                       tmp_path):
+    out = tmp_path / "ray_parts"
+    m = score_pool(file_url(toy_pool / "shards"), file_url(out), config(), progress=False, engine=ray_engine(),
+                   part="0/2")
+    assert sorted(p.stem for p in out.glob("*.parquet")) == ["00000000", "00000002"] and m["shards"] == 2
+    m = score_pool(file_url(toy_pool / "shards"), file_url(out), config(), progress=False, engine=ray_engine(),
+                   part="1/2")
+    assert m["shards"] == 3 and m["run"]["shards_scored"] == 1 and m["run"]["engine"] == "ray"
+    assert_same_store(reference, out)
+
+
 def test_ray_worker_killed_mid_shard_is_retried_exactly_once(ray_cluster, toy_pool, reference, tmp_path):
     out = tmp_path / "ray_killed"
     marker = tmp_path / "killed"
