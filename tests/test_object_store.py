@@ -6,9 +6,15 @@ the usual AWS way (environment variables), and their outputs are compared with t
 commands on local copies.
 """
 
+import io
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,6 +25,7 @@ pytest.importorskip("moto.server")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "pool-bucket"
 SCORE = ["--captioner", "label", "--device", "cpu", "--batch_size", "8", "--quiet"]
 
@@ -33,9 +40,11 @@ def s3():
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    with socket.socket() as probe:  # a free port on the loopback interface
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
     quiet = logging.getLogger("werkzeug")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # one line per request otherwise
@@ -47,7 +56,7 @@ def s3():
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.setenv("AWS_CONFIG_FILE", os.devnull)
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
         fs.mkdir(BUCKET)
@@ -109,6 +118,20 @@ def test_filter_from_s3_writes_the_same_bytes_as_from_local_copies(pool, s3, toy
     assert runs["s3"] == runs["local"] and len(np.load(tmp_path / "s3.npy")) > 0
 
 
+def test_baselines_with_s3_shards_finds_the_store_beside_them(pool, tmp_path, monkeypatch, capsys):
+    """Without --scores_dir the store is the pool's sieve_scores, on S3 too (not a local folder
+    named after the URL)."""
+    from datacomp_sieve.cli import baselines_main
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["--shards_dir", f"{pool}/shards", *SCORE[:-1]], ["--scores_dir", f"{pool}/sieve_scores"]):
+        assert baselines_main(["--name", "sieve", "--save_path", f"{args[0][2:]}.npy", *args, "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores_dir.npy", "shards_dir.npy"]
+    assert (tmp_path / "scores_dir.npy").read_bytes() == (tmp_path / "shards_dir.npy").read_bytes()
+    assert baselines_main(["--name", "sieve", "--save_path", "x.npy", "--shards_dir", f"s3://{BUCKET}"]) == 2
+    assert "give --scores_dir" in capsys.readouterr().err
+
+
 def test_pool_info_on_s3_says_what_it_says_on_the_local_pool(pool, toy_pool, capsys):
     from datacomp_sieve.cli import main
 
@@ -145,38 +168,74 @@ def test_a_failed_write_leaves_no_object_on_s3(pool, s3, monkeypatch):
     monkeypatch.setattr(pq, "write_table", broken)
     with pytest.raises(OSError, match="disk gone"):
         store.write_shard("99999999", table, {})
-    s3.invalidate_cache()
     assert sorted(s3.ls(f"{BUCKET}/pool/sieve_scores", detail=False)) == before
     assert "99999999" not in store.completed() and not store.done("99999999")
 
 
-def test_overwrite_on_s3_replaces_the_store(pool, s3, toy_pool):
-    from datacomp_sieve.score import ScoreConfig, score_pool
+@pytest.mark.parametrize("when", ["upload", "rename"])
+def test_a_writer_killed_on_s3_leaves_no_partial_score_file(pool, s3, when):
+    """SIGKILL in the middle of the upload, and between the copy and the delete that make S3's
+    rename: the store never holds a partial file under a shard's name."""
+    from datacomp_sieve.metadata import ParquetFolder
+    from datacomp_sieve.store import ScoreStore
 
-    url = f"{pool}/other_store"
-    s3.copy(f"{BUCKET}/pool/sieve_scores", f"{BUCKET}/pool/other_store", recursive=True)
-    m = score_pool(f"{pool}/shards", url, ScoreConfig(captioner="label", device="cpu", batch_size=8,
-                                                      num_captions=2), overwrite=True, progress=False)
-    assert m["config"]["num_captions"] == 2 and m["run"]["shards_skipped"] == 0
-    rows = pq.read_table([p for p in s3.ls(f"{BUCKET}/pool/other_store", detail=False) if p.endswith(".parquet")],
-                         filesystem=s3).to_pylist()
-    assert rows and all(len(r["captions"]) == 2 for r in rows)
+    url = f"{pool}/killed_{when}"
+    s3.copy(f"{BUCKET}/pool/sieve_scores", url[len("s3://"):], recursive=True)
+    stem = sorted(ScoreStore(url).completed())[0]
+    whole = s3.cat(f"{url}/{stem}.parquet")
+    s3.rm(f"{url}/{stem}.parquet")
+    code = f"""
+import io, json, os, signal
+import pyarrow.parquet as pq
+from datacomp_sieve.store import ScoreStore
+store = ScoreStore({url!r})
+table = pq.read_table(io.BytesIO({whole!r}))
+stats = json.loads(table.schema.metadata[b"datacomp_sieve"])
+def die(*a, **kw):
+    os.kill(os.getpid(), signal.SIGKILL)
+if {when!r} == "upload":
+    real = pq.write_table
+    def half(table, where, **kw):
+        real(table, where, **kw)
+        die()
+    pq.write_table = half
+else:
+    store.fs.rm = die
+store.write_shard({stem!r}, table, stats)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL
+    store = ScoreStore(url)
+    names = [p.rsplit("/", 1)[-1] for p in s3.ls(url[len("s3://"):], detail=False, refresh=True)]
+    if when == "upload":  # nothing was committed
+        assert f"{stem}.parquet" not in names and not [n for n in names if n.startswith(".tmp-")]
+    else:  # the copy is whole; the temporary object is left to the next run's cleanup
+        assert pq.read_table(io.BytesIO(s3.cat(f"{url}/{stem}.parquet"))).equals(pq.read_table(io.BytesIO(whole)))
+        assert len([n for n in names if n.startswith(".tmp-")]) == 1
+        assert stem in store.completed() and all(".tmp-" not in p for p in ParquetFolder.open(url).paths)
+        store.clean_tmp()
+        assert not [p for p in s3.ls(url[len("s3://"):], detail=False) if ".tmp-" in p]
 
 
-def test_a_resumed_store_counts_what_worker_processes_wrote_on_s3(pool, s3):
-    """The driver lists the store to resume it, then worker processes write the missing shards:
-    the manifest must count their rows (a cached listing from before would hide their files)."""
+def test_overwrite_on_s3_by_worker_processes_replaces_the_store(pool, s3):
+    """``--overwrite`` of a store made with other settings, its shards written by a worker process
+    (which finds the endpoint and credentials in the environment it inherits); the driver counts
+    what the worker wrote."""
     from datacomp_sieve.engines import ProcessEngine
     from datacomp_sieve.score import ScoreConfig, score_pool
 
     full = json.loads(s3.cat(f"{BUCKET}/pool/sieve_scores/manifest.json"))
-    s3.copy(f"{BUCKET}/pool/sieve_scores", f"{BUCKET}/pool/resumed", recursive=True)
-    names = sorted(p for p in s3.ls(f"{BUCKET}/pool/resumed", detail=False) if p.endswith(".parquet"))
-    s3.rm(names[1:])
-    m = score_pool(f"{pool}/shards", f"{pool}/resumed", ScoreConfig(captioner="label", device="cpu", batch_size=8),
+    s3.copy(f"{BUCKET}/pool/sieve_scores", f"{BUCKET}/pool/other_store", recursive=True)
+    m = score_pool(f"{pool}/shards", f"{pool}/other_store",
+                   ScoreConfig(captioner="label", device="cpu", batch_size=8, num_captions=2), overwrite=True,
                    progress=False, engine=ProcessEngine([0]))
-    assert m["run"]["shards_scored"] == len(names) - 1 and m["run"]["shards_skipped"] == 1
+    assert m["config"]["num_captions"] == 2 and m["run"]["shards_skipped"] == 0 and m["run"]["workers"] == 1
     assert (m["shards"], m["rows"], m["status"]) == (full["shards"], full["rows"], full["status"])
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(f"{BUCKET}/pool/other_store", detail=False))
+    assert names == sorted(p.rsplit("/", 1)[-1] for p in s3.ls(f"{BUCKET}/pool/sieve_scores", detail=False))
+    rows = pq.read_table([f"{BUCKET}/pool/other_store/{n}" for n in names if n.endswith(".parquet")],
+                         filesystem=s3).to_pylist()
+    assert len(rows) == full["rows"] and all(len(r["captions"]) == 2 for r in rows)
 
 
 def test_a_store_listed_earlier_shows_the_files_written_since_by_another_process(pool, s3, elsewhere, tmp_path,
