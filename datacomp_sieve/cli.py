@@ -164,8 +164,15 @@ def _complete_store(args: argparse.Namespace, opts) -> None:
     from .score import ScoreConfig, score_pool
     from .store import ScoreStore, differences
 
-    if not opts.scores_dir:
-        opts.scores_dir = os.path.join(os.path.dirname(os.path.abspath(args.shards_dir.rstrip("/"))), "sieve_scores")
+    if not opts.scores_dir:  # the pool's sieve_scores, beside its shards
+        shards = args.shards_dir.rstrip("/")
+        if "://" not in shards:
+            opts.scores_dir = os.path.join(os.path.dirname(os.path.abspath(shards)), "sieve_scores")
+        elif "/" in shards.split("://", 1)[1]:
+            opts.scores_dir = shards.rsplit("/", 1)[0] + "/sieve_scores"
+        else:
+            raise UserError(f"--shards_dir {args.shards_dir} has no folder above it for the score store; "
+                            f"give --scores_dir")
         log.info("no --scores_dir given: the score store is %s", opts.scores_dir)
     store = ScoreStore(opts.scores_dir)
     config = _score_config(args)

@@ -44,7 +44,8 @@ def parquet_file(fs, path: str):
 
 
 def open_folder(url: str, what: str, not_a_folder: str = ""):
-    """``(fs, root)`` of an existing folder (local path or fsspec URL); one-line errors otherwise."""
+    """``(fs, root)`` of an existing folder (local path or fsspec URL), listed afresh; one-line errors
+    otherwise."""
     import fsspec
 
     if not url:
@@ -53,6 +54,9 @@ def open_folder(url: str, what: str, not_a_folder: str = ""):
         fs, root = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
         raise UserError(f"cannot open {what} {url}: {e}") from None
+    # object-store filesystems (s3fs, gcsfs) keep the listings they made: what was written since
+    # (by another process or machine: a store's workers, a download) must not be missed
+    fs.invalidate_cache(root)
     if not fs.exists(root):
         raise UserError(f"{what} {url} does not exist; check the path")
     if not fs.isdir(root):

@@ -88,6 +88,7 @@ class ScoreStore:
         a score store (it could be the pool's metadata or shards: never write into or delete from
         it); a store made with settings other than ``config``'s (the keys ``config`` has), unless
         overwriting."""
+        self.fs.invalidate_cache(self.root)  # see completed()
         if not self.fs.exists(self.root):
             return
         if not self.fs.isdir(self.root):
@@ -162,6 +163,9 @@ class ScoreStore:
         return self.fs.exists(self.shard_path(stem))
 
     def completed(self) -> set[str]:
+        # listed afresh: object-store filesystems keep listings, and the workers that write a
+        # store's files are other processes (on other machines, with Ray)
+        self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
             return set()
         names = (os.path.basename(str(p)) for p in self.fs.ls(self.root, detail=False))
