@@ -297,3 +297,22 @@ def test_a_store_made_elsewhere_after_its_parent_was_listed_is_still_refused(poo
     with pytest.raises(UserError, match="other settings"):
         score_pool(f"{pool}/shards", f"s3://{BUCKET}/stores/made_elsewhere",
                    ScoreConfig(captioner="label", device="cpu", batch_size=8, num_captions=2), progress=False)
+
+
+def test_parts_of_a_job_array_on_s3_make_the_whole_store(pool, s3, toy_pool, capsys):
+    from datacomp_sieve.cli import main
+
+    stems = sorted(p.stem for p in (toy_pool / "shards").glob("*.tar"))
+    parts = f"s3://{BUCKET}/parts"
+    for k in range(2):
+        assert main(["score", "--shards_dir", f"{pool}/shards", "--scores_dir", parts, "--part", f"{k}/2",
+                     *SCORE]) == 0
+    m = json.loads(s3.cat(f"{BUCKET}/parts/manifest.json"))
+    whole = json.loads(s3.cat(f"{BUCKET}/pool/sieve_scores/manifest.json"))
+    assert m["shards"] == m["pool_shards"] == len(stems) and m["failed"] == {}
+    assert (m["rows"], m["status"]) == (whole["rows"], whole["status"])
+    for stem in stems:
+        a = pq.read_table(io.BytesIO(s3.cat(f"{BUCKET}/parts/{stem}.parquet")))
+        b = pq.read_table(io.BytesIO(s3.cat(f"{BUCKET}/pool/sieve_scores/{stem}.parquet")))
+        assert a.select(["uid", "sieve_score", "captions"]).equals(b.select(["uid", "sieve_score", "captions"]))
+    assert [n for n in s3.ls(f"{BUCKET}/parts", detail=False) if n.rsplit("/", 1)[-1].startswith(".tmp-")] == []
