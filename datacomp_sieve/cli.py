@@ -229,18 +229,45 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_pool_info(args: argparse.Namespace) -> int:
-    from .shards import coverage
+    from .shards import coverage, list_shards
 
-    c = coverage(args.metadata_dir, args.shards_dir)
-    pct = 100.0 * c["metadata_without_sample"] / c["metadata_rows"] if c["metadata_rows"] else 0.0
-    print(f"metadata rows:            {c['metadata_rows']}")
-    print(f"downloaded samples:       {c['downloaded']}")
-    print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; failed downloads, normal)")
-    print(f"samples without metadata: {c['samples_without_metadata']}"
-          + ("" if not c["samples_without_metadata"] else "  <- not from this metadata: check the folders"))
-    if c["truncated_shards"]:
-        print(f"truncated shards:         {', '.join(c['truncated_shards'])}")
+    if not args.metadata_dir and not args.scores_dir:
+        raise UserError("pool-info needs --metadata_dir (metadata vs downloads), --scores_dir (how much of the "
+                        "pool a score store holds), or both")
+    shards = list_shards(args.shards_dir)
+    if args.metadata_dir:
+        c = coverage(args.metadata_dir, args.shards_dir, shards)
+        pct = 100.0 * c["metadata_without_sample"] / c["metadata_rows"] if c["metadata_rows"] else 0.0
+        print(f"metadata rows:            {c['metadata_rows']}")
+        print(f"downloaded samples:       {c['downloaded']}")
+        print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; failed downloads, normal)")
+        print(f"samples without metadata: {c['samples_without_metadata']}"
+              + ("" if not c["samples_without_metadata"] else "  <- not from this metadata: check the folders"))
+        if c["truncated_shards"]:
+            print(f"truncated shards:         {', '.join(c['truncated_shards'])}")
+    if args.scores_dir:
+        _print_store_progress(args.scores_dir, shards)
     return 0
+
+
+def _print_store_progress(scores_dir: str, shards: list) -> None:
+    from .score import store_progress
+
+    p = store_progress(scores_dir, shards)
+    statuses = ", ".join(f"{v} {k}" for k, v in sorted(p["status"].items()))
+    print(f"scored shards:            {len(p['scored'])} of {p['shards']} in {scores_dir} "
+          f"({p['rows']} samples{': ' + statuses if statuses else ''})")
+    missing = p["missing"]
+    if not missing:
+        return
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    print(f"shards to score:          {shown}")
+    if p.get("parts"):
+        print(f"parts to rerun:           --part {', '.join(p['parts'])} (their shards are not all scored)")
+    for stem, error in list(p["failed"].items())[:8]:
+        print(f"failed earlier:           {stem}: {error}")
+    if len(p["failed"]) > 8:
+        print(f"failed earlier:           and {len(p['failed']) - 8} more (manifest.json)")
 
 
 def run_toy_pool(args: argparse.Namespace) -> int:
@@ -421,11 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=run_report)
 
-    c = sub.add_parser("pool-info", help="how a pool's metadata and downloaded shards match up",
+    c = sub.add_parser("pool-info", help="how a pool's metadata, shards and score store match up",
                        description="Count metadata rows, downloaded samples, and what is missing on either side "
-                                   "(metadata rows without a sample are failed downloads: normal).")
-    c.add_argument("--metadata_dir", required=True, help="the pool's metadata folder of .parquet files")
+                                   "(metadata rows without a sample are failed downloads: normal); with "
+                                   "--scores_dir, how many of the shards a score store holds, which are still "
+                                   "to score (and, after score --part runs, which parts to rerun).")
+    c.add_argument("--metadata_dir", help="the pool's metadata folder of .parquet files")
     c.add_argument("--shards_dir", required=True, help="the pool's downloaded shards ({:08d}.tar)")
+    c.add_argument("--scores_dir", help="a score store of this pool: how much of it is scored")
     c.set_defaults(func=run_pool_info)
 
     t = sub.add_parser("toy-pool", help="build a small real pool with DataComp's layout",

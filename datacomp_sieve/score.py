@@ -1078,3 +1078,34 @@ def build_manifest(store, stems: list[str], identity: dict, stats: dict | None =
                 tar[k] = tar.get(k, 0) + v
     return {"store": store.url, "shards": len(stems), "rows": rows, "status": counts, "timings": timings,
             "tar": tar, "truncated": truncated, **identity}
+
+
+def store_progress(scores_dir: str, shards: list) -> dict:
+    """How much of a pool (its ``shards``, sorted) a score store holds, from the score files present
+    (as a resumed ``score`` would count them: a file that cannot be read, or made from a tar of
+    another size, is to be scored again): ``scored`` stems, ``missing`` stems, their earlier
+    failures (``failed``: stem -> error, from the manifest), the rows and statuses of the scored
+    files, and, when the last run was a ``--part K/N``, the ``parts`` of N that still have shards
+    to score."""
+    from .store import CONFIG, ScoreStore
+
+    store = ScoreStore(scores_dir)
+    if store.config() is None:
+        what = "does not exist" if not store.fs.exists(store.root) else f"is not a score store (no {CONFIG})"
+        raise UserError(f"--scores_dir {scores_dir} {what}")
+    stems = [s.stem for s in shards]
+    known = store.stats_of(sorted(store.completed() & set(stems)))
+    scored = [s.stem for s in shards if _scored(s, known)]
+    done = set(scored)
+    missing = [s for s in stems if s not in done]
+    manifest = store.manifest() or {}
+    counts = build_manifest(store, scored, {}, {s: known[s] for s in scored})
+    out = {"store": scores_dir, "shards": len(stems), "scored": scored, "missing": missing,
+           "rows": counts["rows"], "status": counts["status"],
+           "failed": {s: e for s, e in (manifest.get("failed") or {}).items() if s in set(missing)}}
+    last = (manifest.get("run") or {}).get("part")
+    if last and missing:
+        n = parse_part(last)[1]
+        index = {s: i for i, s in enumerate(stems)}
+        out["parts"] = [f"{k}/{n}" for k in sorted({index[s] % n for s in missing})]
+    return out

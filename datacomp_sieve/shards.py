@@ -862,14 +862,15 @@ def compare_uids(metadata_uids, downloaded_uids) -> dict:
             "duplicate_metadata_uids": int(len(m) - len(mu)), "duplicate_samples": int(len(s) - len(su))}
 
 
-def coverage(metadata_dir: str, shards_dir: str) -> dict:
+def coverage(metadata_dir: str, shards_dir: str, shards: list | None = None) -> dict:
     """How a pool's metadata and its downloaded shards match up, by uid (``compare_uids``).
 
     Downloaded uids come from each shard's img2dataset parquet (rows with status "success") or,
     without one, from reading the tar (every sample with a uid, except one the break cut). A
     shard whose tar size is impossible (0 bytes, not whole 512-byte blocks) or that reads as
     truncated is listed in ``truncated_shards``. Uids are held as 16-byte keys: about 2 GB per
-    128M rows on each side, so a large pool needs this run per part of the pool.
+    128M rows on each side, so a large pool needs this run per part of the pool. ``shards``: the
+    folder's ``list_shards``, when the caller has it already.
     """
     import numpy as np
 
@@ -892,7 +893,7 @@ def coverage(metadata_dir: str, shards_dir: str) -> dict:
             cut = shard.report.truncated
         return keys_from_strings(uids, shard.url), statuses is None, cut
 
-    shards = list_shards(shards_dir)
+    shards = list_shards(shards_dir) if shards is None else shards
     found = each(shards[0].fs, downloaded, shards)
     skeys = [k for k, _, _ in found]
     from_tars = sum(t for _, t, _ in found)

@@ -581,8 +581,13 @@ def test_two_jobs_started_together_each_with_its_part(toy_pool, store, tmp_path)
 
 
 def test_the_manifest_keeps_another_part_s_failure_until_its_shard_is_scored(toy_pool, scorer, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, capsys):
     out = tmp_path / "failing"
+
+    def info():  # what pool-info says of the store
+        capsys.readouterr()
+        assert cli.main(["pool-info", "--shards_dir", str(toy_pool / "shards"), "--scores_dir", str(out)]) == 0
+        return capsys.readouterr().out
     real = ShardScorer.score
 
     def fail_first(self, shard, progress=None):
@@ -595,11 +600,29 @@ def test_the_manifest_keeps_another_part_s_failure_until_its_shard_is_scored(toy
         score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer, part="0/3")
     m = score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer, part="1/3")
     assert m["shards"] == 1 and m["failed"] == {"00000000": "ValueError: unreadable"}  # not tried here: kept
+    said = info()
+    assert f"scored shards:            1 of 3 in {out} ({m['rows']} samples: {m['rows']} ok)" in said
+    assert "shards to score:          00000000, 00000002\n" in said
+    assert "parts to rerun:           --part 0/3, 2/3 (" in said
+    assert "failed earlier:           00000000: ValueError: unreadable\n" in said
     monkeypatch.setattr(ShardScorer, "score", real)
     m = score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer, part="0/3")
     assert m["shards"] == 2 and m["failed"] == {}  # scored now: dropped
     m = score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer, part="2/3")
     assert m["shards"] == 3 and m["rows"] == len(pq.read_table(sorted(out.glob("*.parquet"))))
+    said = info()
+    assert said.startswith("scored shards:            3 of 3") and "to score" not in said and "rerun" not in said
+
+
+def test_pool_info_on_a_store_says_one_line_for_a_wrong_folder(toy_pool, store, capsys):
+    shards = str(toy_pool / "shards")
+    for args, message in ((["--shards_dir", shards], "pool-info needs --metadata_dir"),
+                          (["--shards_dir", shards, "--scores_dir", str(toy_pool / "nothere")], "does not exist"),
+                          (["--shards_dir", shards, "--scores_dir", str(toy_pool / "metadata")],
+                           "is not a score store (no config.json)")):
+        assert cli.main(["pool-info", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("part, message", [
