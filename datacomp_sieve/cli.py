@@ -397,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_arguments(sc)
     add_engine_arguments(sc)
     sc.add_argument("--part", metavar="K/N",
-                    help="score only part K of N of the pool's shards (every N-th shard of the sorted list from "
-                         "the K-th), K counted from 0: N jobs share one store, each scoring its part; e.g. a Slurm "
+                    help="score only part K of N of the pool's shards (those whose number is K modulo N), "
+                         "K counted from 0: N jobs share one store, each scoring its part; e.g. a Slurm "
                          "job array --array=0-31 with --part $SLURM_ARRAY_TASK_ID/32 (N written out: a task "
                          "resubmitted alone has SLURM_ARRAY_TASK_COUNT=1). Not with --overwrite")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")

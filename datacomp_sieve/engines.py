@@ -11,7 +11,8 @@ in ``score_pool`` before any engine runs a shard, so every engine resumes the sa
 - ``RayEngine``: one actor per GPU (or per ``cpus_per_worker`` CPUs) on a Ray cluster.
 
 A worker writes its shard's file itself (temporary name, then rename), so a worker killed
-mid-shard leaves nothing behind, and the shard is given to another worker (or a fresh one).
+mid-shard leaves no score file (at most a temporary one, removed by a later run once it is hours
+old), and the shard is given to another worker (or a fresh one).
 A shard is tried at most ``1 + max_retries`` times; one that never succeeds is reported, and the
 others are completed.
 """

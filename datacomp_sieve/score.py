@@ -875,14 +875,11 @@ def _expected_samples(shard) -> int | None:
 def parse_part(part: str) -> tuple[int, int]:
     """``"K/N"`` as ``(K, N)``: the K-th of N parts of the pool, counted from 0 (as Slurm numbers
     the tasks of ``--array=0-M``). Anything else is a ``UserError``."""
-    k, sep, n = str(part).strip().partition("/")
-    try:
-        k, n = int(k), int(n)
-    except ValueError:
-        k = n = None
-    if not sep or k is None:
+    m = re.fullmatch(r"\s*(-?[0-9]+)/(-?[0-9]+)\s*", str(part))
+    if not m:
         raise UserError(f"--part takes K/N (part K of N, K from 0 to N-1; e.g. $SLURM_ARRAY_TASK_ID/32 in a "
                         f"job array --array=0-31), got {part!r}")
+    k, n = int(m[1]), int(m[2])
     if n < 1:
         raise UserError(f"--part {part}: the number of parts must be at least 1")
     if not 0 <= k < n:
@@ -892,12 +889,16 @@ def parse_part(part: str) -> tuple[int, int]:
     return k, n
 
 
+def part_index(stem: str, n: int) -> int:
+    """The part of ``n`` that shard ``stem`` ({:08d}) belongs to: its number modulo ``n``. It depends on
+    the shard alone, not on the listing a job happened to see (shards still arriving, gaps), so
+    every job of an array agrees, and consecutive shards spread evenly over the parts."""
+    return int(stem) % n
+
+
 def part_of(shards: list, k: int, n: int) -> list:
-    """Part ``k`` of ``n`` of the sorted shard list: every n-th shard from the k-th. Every job of a
-    job array computes the same split from the same listing; interleaving (rather than ranges)
-    keeps the parts within one shard of each other in size when the list has gaps or a short last
-    shard, and shards added after the last one leave every existing shard in its part."""
-    return shards[k::n]
+    """Part ``k`` of ``n`` of the shards: those whose number is ``k`` modulo ``n`` (``part_index``)."""
+    return [s for s in shards if part_index(s.stem, n) == k]
 
 
 def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwrite: bool = False,
@@ -994,34 +995,35 @@ def _say_parts_to_come(part: str, present: int, total: int, scores_dir: str) -> 
         log.info("part %s is done, and so is the store: all %d shards are in %s", part, total, scores_dir)
 
 
-def _record(store, pool, identity: dict, known: dict, attempted: set, failed: dict, run: dict) -> dict:
-    """Write the store's manifest, counting the score files of ``pool`` present now (this run's and
-    other jobs'; ``known``: statistics already read, by stem, updated here) but not the shards this
-    run failed. ``failed`` holds this run's failures and the earlier manifest's for shards still
-    missing that this run did not try (another part's, an earlier run's).
+def _record(store, pool: dict, identity: dict, known: dict, attempted: set, failed: dict, run: dict) -> dict:
+    """Write the store's manifest, counting the score files of ``pool`` (stem -> shard) present now
+    that hold their shard's scores (``_scored``: this run's and other jobs'; ``known``: statistics
+    already read, by stem, updated here). ``failed``: this run's failures, and the earlier
+    manifest's for shards this run did not try (another part's, an earlier run's), both only while
+    the shard has no score file (an overlapping job may have scored it meanwhile).
 
     Jobs of other parts may finish at the same moment: once written, the store is listed again, and
     the manifest written again while it has changed, so that whichever job writes last counts the
-    files of all that finished before it."""
-    pool = set(pool)
-    counted = None
-    for _ in range(5):
-        present = sorted(store.completed() & pool)
+    files of all that finished before it. (Two jobs that fail shards and write at the same moment
+    can still lose one's failures from the file: its own message says them, and the shard stays
+    missing, which ``pool-info --scores_dir`` and a selection's warning show.)"""
+    counted, manifest = None, None
+    while True:
+        present = sorted(store.completed() & set(pool))
         if present == counted:
-            break
+            return manifest
         known.update(store.stats_of([s for s in present if s not in known]))
-        done = [s for s in present if known[s] is not None and s not in failed]
-        here = set(present)
+        done = [s for s in present if _scored(pool[s], known, say=False)]
+        scored = set(done)
         earlier = (store.manifest() or {}).get("failed") or {}
-        errors = {s: e for s, e in earlier.items() if s in pool and s not in here and s not in attempted}
+        errors = {s: e for s, e in earlier.items() if s in pool and s not in attempted}
         errors.update(failed)
         manifest = build_manifest(store, done, identity, {s: known[s] for s in done})
-        manifest["failed"] = dict(sorted(errors.items()))
+        manifest["failed"] = {s: e for s, e in sorted(errors.items()) if s not in scored}
         manifest["pool_shards"] = len(pool)
         manifest["run"] = run
         store.write_manifest(manifest)
         counted = present
-    return manifest
 
 
 class ShardsFailed(UserError):
@@ -1036,7 +1038,7 @@ class ShardsFailed(UserError):
                          f"{manifest['store']} (errors in manifest.json); rerun to retry the failed ones")
 
 
-def _scored(shard, known: dict) -> bool:
+def _scored(shard, known: dict, say: bool = True) -> bool:
     """Whether the store's file for this shard holds its scores: there is one, it can be read, and
     it was made from a tar of the size this one has (a tar downloaded again after a truncated
     download, or another pool's shard of the same name, is scored again)."""
@@ -1044,12 +1046,14 @@ def _scored(shard, known: dict) -> bool:
         return False
     stats = known[shard.stem]
     if stats is None:
-        log.warning("shard %s: its score file cannot be read; scoring it again", shard.stem)
+        if say:
+            log.warning("shard %s: its score file cannot be read; scoring it again", shard.stem)
         return False
     then = stats.get("tar_bytes")
     if then is not None and shard.size is not None and then != shard.size:
-        log.warning("shard %s changed since it was scored (%d bytes then, %d now); scoring it again",
-                    shard.stem, then, shard.size)
+        if say:
+            log.warning("shard %s changed since it was scored (%d bytes then, %d now); scoring it again",
+                        shard.stem, then, shard.size)
         return False
     return True
 
@@ -1100,12 +1104,12 @@ def store_progress(scores_dir: str, shards: list) -> dict:
     missing = [s for s in stems if s not in done]
     manifest = store.manifest() or {}
     counts = build_manifest(store, scored, {}, {s: known[s] for s in scored})
+    left = set(missing)
     out = {"store": scores_dir, "shards": len(stems), "scored": scored, "missing": missing,
            "rows": counts["rows"], "status": counts["status"],
-           "failed": {s: e for s, e in (manifest.get("failed") or {}).items() if s in set(missing)}}
+           "failed": {s: e for s, e in (manifest.get("failed") or {}).items() if s in left}}
     last = (manifest.get("run") or {}).get("part")
     if last and missing:
         n = parse_part(last)[1]
-        index = {s: i for i, s in enumerate(stems)}
-        out["parts"] = [f"{k}/{n}" for k in sorted({index[s] % n for s in missing})]
+        out["parts"] = [f"{k}/{n}" for k in sorted({part_index(s, n) for s in missing})]
     return out

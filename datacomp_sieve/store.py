@@ -111,8 +111,10 @@ class ScoreStore:
 
         Other jobs may be writing to the store (``score --part``): their temporary files are left,
         and ``config.json`` is written only when it is missing or differs, under a temporary name
-        then renamed. Of two jobs creating a store together, the one that finds the other's settings
-        there once it has written its own is refused, before it writes any shard."""
+        then renamed. Of two jobs creating a store together on a local or shared disk, the one that
+        finds the other's settings there once it has written its own is refused, before it writes
+        any shard; an object store has no create-if-absent here, so the last writer's config wins
+        and the other job is not refused (give array tasks the same settings, or start one first)."""
         old = self.config()
         self.check(config, overwrite)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -255,8 +257,15 @@ class ScoreStore:
                 self.fs.rm(tmp)
 
     def manifest(self) -> dict | None:
+        """The manifest, or None when there is none or it cannot be read (the next run that scores
+        writes it anew from the score files: it holds nothing they do not, but earlier failures)."""
         p = self._path(MANIFEST)
         if not self.fs.exists(p):
             return None
-        with self.fs.open(p, "r") as f:
-            return json.load(f)
+        try:
+            with self.fs.open(p, "r") as f:
+                m = json.load(f)
+        except (ValueError, OSError) as e:
+            log.warning("%s cannot be read (%s); it is written anew after the next scoring run", p, error_line(e))
+            return None
+        return m if isinstance(m, dict) else None

@@ -209,11 +209,13 @@ store.write_shard({stem!r}, table, stats)
     names = [p.rsplit("/", 1)[-1] for p in s3.ls(url[len("s3://"):], detail=False, refresh=True)]
     if when == "upload":  # nothing was committed
         assert f"{stem}.parquet" not in names and not [n for n in names if n.startswith(".tmp-")]
-    else:  # the copy is whole; the temporary object is left to the next run's cleanup
+    else:  # the copy is whole; the temporary object is left until a cleanup finds it old enough
         assert pq.read_table(io.BytesIO(s3.cat(f"{url}/{stem}.parquet"))).equals(pq.read_table(io.BytesIO(whole)))
         assert len([n for n in names if n.startswith(".tmp-")]) == 1
         assert stem in store.completed() and all(".tmp-" not in p for p in ParquetFolder.open(url).paths)
-        store.clean_tmp()
+        store.clean_tmp()  # seconds old: it could be a live writer's
+        assert len([p for p in s3.ls(url[len("s3://"):], detail=False, refresh=True) if ".tmp-" in p]) == 1
+        store.clean_tmp(max_age_s=0)
         assert not [p for p in s3.ls(url[len("s3://"):], detail=False) if ".tmp-" in p]
 
 

@@ -533,16 +533,28 @@ def assert_same_scores(ref, other):
     assert json.loads((Path(ref) / "config.json").read_text()) == json.loads((other / "config.json").read_text())
 
 
-def test_the_parts_split_the_sorted_shards_once_each():
-    shards = [f"{i:08d}" for i in (0, 1, 2, 3, 5, 8, 9)]  # gaps, as a pool with failed downloads has
-    for n in range(1, 9):
+def test_the_parts_split_the_shards_once_each_by_their_number():
+    from types import SimpleNamespace
+
+    def stems(part):
+        return [s.stem for s in part]
+
+    numbers = (0, 1, 2, 3, 5, 8, 9, 10)  # gaps, as a pool with failed downloads has
+    shards = [SimpleNamespace(stem=f"{i:08d}") for i in numbers]
+    for n in range(1, 10):
         parts = [part_of(shards, k, n) for k in range(n)]
-        assert sorted(s for p in parts for s in p) == shards
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    assert part_of(shards, 1, 3) == ["00000001", "00000005"]
-    for k in range(3):  # shards added after the last one leave the others where they were
-        assert part_of(shards + ["00000010", "00000011"], k, 3)[:len(part_of(shards, k, 3))] == part_of(shards, k, 3)
+        assert sorted(s for p in parts for s in stems(p)) == stems(shards)
+        whole = [part_of([SimpleNamespace(stem=f"{i:08d}") for i in range(40)], k, n) for k in range(n)]
+        assert max(map(len, whole)) - min(map(len, whole)) <= 1  # consecutive shards: even parts
+    assert stems(part_of(shards, 1, 3)) == ["00000001", "00000010"]
+    # a job that lists the folder while shards are still arriving puts each shard it sees in the same part
+    seen = shards[:2] + shards[4:]
+    for k in range(3):
+        assert stems(part_of(seen, k, 3)) == [s for s in stems(part_of(shards, k, 3)) if s in stems(seen)]
     assert parse_part(" 2/16 ") == (2, 16) and parse_part("0/1") == (0, 1)
+    for bad in ("1_0/32", "\u0661/2", "1/2/3"):
+        with pytest.raises(UserError, match="--part takes K/N"):
+            parse_part(bad)
 
 
 def test_parts_run_one_after_another_make_the_whole_run_s_store(toy_pool, store, scorer, tmp_path, caplog):
@@ -612,6 +624,39 @@ def test_the_manifest_keeps_another_part_s_failure_until_its_shard_is_scored(toy
     assert m["shards"] == 3 and m["rows"] == len(pq.read_table(sorted(out.glob("*.parquet"))))
     said = info()
     assert said.startswith("scored shards:            3 of 3") and "to score" not in said and "rerun" not in said
+
+
+def test_a_shard_this_run_failed_that_an_overlapping_job_scored_counts_as_scored(toy_pool, store, scorer, tmp_path,
+                                                                                    monkeypatch):
+    out = tmp_path / "overlap"
+    real = ShardScorer.score
+
+    def fail_but_scored_elsewhere(self, shard, progress=None):
+        result = real(self, shard, progress)
+        if shard.stem == "00000001":  # another job writes the shard while this one fails it
+            ScoreStore(str(out)).write_shard(shard.stem, result.table, result.stats)
+            raise RuntimeError("CUDA error: device lost")
+        return result
+
+    monkeypatch.setattr(ShardScorer, "score", fail_but_scored_elsewhere)
+    with pytest.raises(ShardsFailed) as e:
+        score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer)
+    whole = json.loads((Path(store) / "manifest.json").read_text())
+    m = e.value.manifest
+    assert (m["shards"], m["rows"], m["failed"]) == (3, whole["rows"], {})
+    assert json.loads((out / "manifest.json").read_text())["shards"] == 3
+
+
+def test_an_unreadable_manifest_is_written_anew(toy_pool, store, scorer, tmp_path, capsys):
+    out = tmp_path / "garbled"
+    score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer)
+    (out / "manifest.json").write_text('{"shards": 3, "fail')
+    assert cli.main(["pool-info", "--shards_dir", str(toy_pool / "shards"), "--scores_dir", str(out)]) == 0
+    assert "scored shards:            3 of 3" in capsys.readouterr().out
+    (out / "00000002.parquet").unlink()
+    m = score_pool(str(toy_pool / "shards"), str(out), label_config(), progress=False, scorer=scorer)
+    assert m["shards"] == 3 and m["run"]["shards_scored"] == 1
+    assert json.loads((out / "manifest.json").read_text())["rows"] == m["rows"]
 
 
 def test_pool_info_on_a_store_says_one_line_for_a_wrong_folder(toy_pool, store, capsys):
