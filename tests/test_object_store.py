@@ -309,6 +309,12 @@ def test_parts_of_a_job_array_on_s3_make_the_whole_store(pool, s3, toy_pool, cap
     for k in range(2):
         assert main(["score", "--shards_dir", f"{pool}/shards", "--scores_dir", parts, "--part", f"{k}/2",
                      *SCORE]) == 0
+        capsys.readouterr()
+        assert main(["pool-info", "--shards_dir", f"{pool}/shards", "--scores_dir", parts]) == 0
+        said = capsys.readouterr().out
+        done = [s for s in stems if int(s) % 2 <= k]
+        assert f"scored shards:            {len(done)} of {len(stems)} in {parts}" in said
+        assert ("parts to rerun:           --part 1/2 (" in said) == (k == 0)
     m = json.loads(s3.cat(f"{BUCKET}/parts/manifest.json"))
     whole = json.loads(s3.cat(f"{BUCKET}/pool/sieve_scores/manifest.json"))
     assert m["shards"] == m["pool_shards"] == len(stems) and m["failed"] == {}
