@@ -111,10 +111,10 @@ class ScoreStore:
 
         Other jobs may be writing to the store (``score --part``): their temporary files are left,
         and ``config.json`` is written only when it is missing or differs, under a temporary name
-        then renamed. Of two jobs creating a store together on a local or shared disk, the one that
-        finds the other's settings there once it has written its own is refused, before it writes
-        any shard; an object store has no create-if-absent here, so the last writer's config wins
-        and the other job is not refused (give array tasks the same settings, or start one first)."""
+        then renamed. Of two jobs creating a store together, the one that finds the other's settings
+        there once it has written its own is refused, before it writes any shard (where the
+        filesystem creates a file only if absent, atomically: local and shared disks, S3; see
+        ``_write_json``)."""
         old = self.config()
         self.check(config, overwrite)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -235,23 +235,33 @@ class ScoreStore:
 
     def _write_json(self, name: str, obj: dict, replace: bool = True) -> None:
         """Write ``name`` whole or not at all: under a temporary name of this writer's own (jobs
-        sharing the store write theirs side by side), then renamed over it; ``replace=False`` leaves
-        one that exists (where the filesystem can say so atomically: a local or shared disk)."""
+        sharing the store write theirs side by side), then renamed over it. ``replace=False`` leaves
+        one that exists, where the filesystem can say so atomically: a hard link on a local or shared
+        disk, a conditional write (create if absent) on an object store that has one (S3)."""
         from .metadata import protocols
 
+        data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+        final = self._path(name)
+        if not replace and "s3" in protocols(self.fs):
+            try:  # one PUT with If-None-Match: whole or not at all (an S3 that ignores it overwrites)
+                self.fs.pipe_file(final, data, mode="create")
+                return
+            except FileExistsError:
+                return
+            except Exception as e:  # noqa: BLE001 - e.g. a botocore too old for the condition
+                log.debug("conditional write of %s failed (%s); writing it by rename", final, error_line(e))
         tmp = self._path(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
         try:
-            with self.fs.open(tmp, "w") as f:
-                json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            self.fs.pipe_file(tmp, data)
             if replace or "file" not in protocols(self.fs):
-                self.fs.mv(tmp, self._path(name))
+                self.fs.mv(tmp, final)  # without a create-if-absent, the last writer's file stays
             else:
                 try:
-                    os.link(tmp, self._path(name))  # fails where the name exists, never replaces it
+                    os.link(tmp, final)  # fails where the name exists, never replaces it
                 except FileExistsError:
                     pass
-                except OSError:  # a filesystem without hard links: renamed, as on object stores
-                    self.fs.mv(tmp, self._path(name))
+                except OSError:  # a filesystem without hard links: renamed
+                    self.fs.mv(tmp, final)
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)

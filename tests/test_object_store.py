@@ -324,3 +324,24 @@ def test_parts_of_a_job_array_on_s3_make_the_whole_store(pool, s3, toy_pool, cap
         b = pq.read_table(io.BytesIO(s3.cat(f"{BUCKET}/pool/sieve_scores/{stem}.parquet")))
         assert a.select(["uid", "sieve_score", "captions"]).equals(b.select(["uid", "sieve_score", "captions"]))
     assert [n for n in s3.ls(f"{BUCKET}/parts", detail=False) if n.rsplit("/", 1)[-1].startswith(".tmp-")] == []
+
+
+def test_of_two_jobs_creating_a_store_on_s3_with_other_settings_one_is_refused(s3, monkeypatch):
+    """Both find the store absent, then the other job's config.json appears before this one writes
+    its own: S3's conditional write keeps it, and this job is refused before it scores a shard."""
+    from datacomp_sieve.errors import UserError
+    from datacomp_sieve.store import ScoreStore
+
+    url = f"s3://{BUCKET}/racing_store"
+    real = ScoreStore.clean_tmp
+
+    def other_job_meanwhile(self, *a, **kw):
+        monkeypatch.setattr(ScoreStore, "clean_tmp", real)
+        ScoreStore(url).open_for({"config": {"seed": 1}})
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ScoreStore, "clean_tmp", other_job_meanwhile)
+    with pytest.raises(UserError, match=r"other settings \(config.seed: 1 -> 0\)"):
+        ScoreStore(url).open_for({"config": {"seed": 0}})
+    assert ScoreStore(url).config() == {"config": {"seed": 1}}
+    assert not [p for p in s3.ls(f"{BUCKET}/racing_store", detail=False, refresh=True) if ".tmp-" in p]

@@ -715,17 +715,19 @@ def test_a_starting_job_leaves_the_temporary_files_of_live_writers(tmp_path):
 
 
 def test_a_killed_config_writer_leaves_no_partial_config(tmp_path, monkeypatch):
-    out = tmp_path / "store"
-    real = json.dump
+    from fsspec.implementations.local import LocalFileSystem
 
-    def killed(obj, f, **kw):
-        f.write('{"config": ')
+    out = tmp_path / "store"
+
+    def killed(self, path, value, **kw):  # the writer dies with half the bytes written
+        with open(path, "wb") as f:
+            f.write(value[: len(value) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(json, "dump", killed)
-    with pytest.raises(KeyboardInterrupt):
-        ScoreStore(str(out)).open_for({"config": {"seed": 0}})
-    monkeypatch.setattr(json, "dump", real)
+    with monkeypatch.context() as m:
+        m.setattr(LocalFileSystem, "pipe_file", killed, raising=False)
+        with pytest.raises(KeyboardInterrupt):
+            ScoreStore(str(out)).open_for({"config": {"seed": 0}})
     assert ScoreStore(str(out)).config() is None and list(out.iterdir()) == []
     ScoreStore(str(out)).open_for({"config": {"seed": 0}})
     assert ScoreStore(str(out)).config() == {"config": {"seed": 0}}
