@@ -931,7 +931,7 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     cfg = engine.resolve(config)
     store.check({"config": cfg.identity()}, overwrite)  # before the models load
     by_stem = {s.stem: s for s in shards}
-    known = {} if overwrite else store.stats_of(sorted(store.completed() & set(by_stem)))
+    known = {} if overwrite else _stats_in_store(store, by_stem)[1]
     todo = [s.stem for s in mine if not _scored(s, known)]
     manifest = None if todo else store.manifest()
     if manifest is not None:
@@ -987,6 +987,16 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     return manifest
 
 
+def _stats_in_store(store, stems, known: dict | None = None) -> tuple[list, dict]:
+    """``(present, known)``: which of ``stems`` have a score file in the store now (listed afresh),
+    sorted, and ``known`` (stem -> statistics, None for an unreadable file) with theirs added, read
+    only for those it does not hold yet."""
+    known = {} if known is None else known
+    present = sorted(store.completed() & set(stems))
+    known.update(store.stats_of([s for s in present if s not in known]))
+    return present, known
+
+
 def _say_parts_to_come(part: str, present: int, total: int, scores_dir: str) -> None:
     if present < total:
         log.info("part %s is done: %d of the pool's %d shards are in %s; the other parts' shards are still to "
@@ -1009,10 +1019,9 @@ def _record(store, pool: dict, identity: dict, known: dict, attempted: set, fail
     missing, which ``pool-info --scores_dir`` and a selection's warning show.)"""
     counted, manifest = None, None
     while True:
-        present = sorted(store.completed() & set(pool))
+        present, known = _stats_in_store(store, pool, known)
         if present == counted:
             return manifest
-        known.update(store.stats_of([s for s in present if s not in known]))
         done = [s for s in present if _scored(pool[s], known, say=False)]
         scored = set(done)
         earlier = (store.manifest() or {}).get("failed") or {}
@@ -1098,7 +1107,7 @@ def store_progress(scores_dir: str, shards: list) -> dict:
         what = "does not exist" if not store.fs.exists(store.root) else f"is not a score store (no {CONFIG})"
         raise UserError(f"--scores_dir {scores_dir} {what}")
     stems = [s.stem for s in shards]
-    known = store.stats_of(sorted(store.completed() & set(stems)))
+    known = _stats_in_store(store, stems)[1]
     scored = [s.stem for s in shards if _scored(s, known)]
     done = set(scored)
     missing = [s for s in stems if s not in done]

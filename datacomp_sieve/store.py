@@ -83,14 +83,14 @@ class ScoreStore:
         return self._path(f"{stem}.parquet")
 
     # -- configuration -------------------------------------------------------------------------
-    def check(self, config: dict, overwrite: bool = False) -> None:
+    def check(self, config: dict, overwrite: bool = False) -> dict | None:
         """Refuse, before anything is loaded or written: a file; a folder that is not empty and is not
         a score store (it could be the pool's metadata or shards: never write into or delete from
         it); a store made with settings other than ``config``'s (the keys ``config`` has), unless
-        overwriting."""
+        overwriting. Returns the store's configuration (None: no store yet)."""
         self.fs.invalidate_cache(self.root)  # see completed()
         if not self.fs.exists(self.root):
-            return
+            return None
         if not self.fs.isdir(self.root):
             raise UserError(f"--scores_dir {self.url} is a file, not a folder")
         old = self.config()
@@ -100,11 +100,12 @@ class ScoreStore:
             if names:
                 raise UserError(f"--scores_dir {self.url} is not a score store (no {CONFIG}) and is not empty "
                                 f"({len(names)} entries, e.g. {names[0]}); give a new or empty folder")
-            return
+            return None
         diff = differences({k: old.get(k) for k in config}, config)
         if diff and not overwrite:
             raise UserError(f"{self.url} holds scores made with other settings ({diff}); use another "
                             f"--scores_dir, or --overwrite to delete them and start again")
+        return old
 
     def open_for(self, config: dict, overwrite: bool = False) -> "ScoreStore":
         """Prepare the store for a run with ``config``; refuse a different one unless overwriting.
@@ -115,8 +116,7 @@ class ScoreStore:
         there once it has written its own is refused, before it writes any shard (where the
         filesystem creates a file only if absent, atomically: local and shared disks, S3; see
         ``_write_json``)."""
-        old = self.config()
-        self.check(config, overwrite)
+        old = self.check(config, overwrite)
         self.fs.makedirs(self.root, exist_ok=True)
         if overwrite:
             for p in self.fs.ls(self.root, detail=False):

@@ -600,6 +600,7 @@ def test_the_manifest_keeps_another_part_s_failure_until_its_shard_is_scored(toy
         capsys.readouterr()
         assert cli.main(["pool-info", "--shards_dir", str(toy_pool / "shards"), "--scores_dir", str(out)]) == 0
         return capsys.readouterr().out
+
     real = ShardScorer.score
 
     def fail_first(self, shard, progress=None):
