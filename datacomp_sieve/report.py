@@ -410,6 +410,8 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
         scores = {"sieve": _Score("Sieve score", *sel.minmax["sieve"]), "fused": _Score("fused score", 0.0, 1.0)}
         if has_clip:
             scores["clip"] = _Score("CLIPScore", *sel.minmax["clip"])
+        # where the kept set is cut: the lowest kept and highest dropped fused (and Sieve) scores, exact
+        edge = {"kept_f": math.inf, "drop_f": -math.inf, "kept_s": math.inf, "drop_s": -math.inf}
         half = (per_section + 1) // 2
         sec = {"kept_top": _TopK(per_section), "dropped_bottom": _TopK(per_section),
                "border_kept": _TopK(half), "border_dropped": _TopK(per_section - half),
@@ -421,6 +423,12 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
             if has_clip:
                 scores["clip"].add(cols[1][ok], kept[ok])
             drop = ok & ~kept
+            if kept.any():
+                edge["kept_f"] = min(edge["kept_f"], float(f[kept].min()))
+                edge["kept_s"] = min(edge["kept_s"], float(np.min(cols[0][kept])))
+            if drop.any():
+                edge["drop_f"] = max(edge["drop_f"], float(f[drop].max()))
+                edge["drop_s"] = max(edge["drop_s"], float(np.max(cols[0][drop])))
             sec["kept_top"].offer(f, kept, keys, vals)
             sec["dropped_bottom"].offer(-f, drop, keys, vals)
             sec["border_kept"].offer(-f, kept, keys, vals)
@@ -476,6 +484,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
                           f"top {fraction:g} by fused score (DataComp's convention: n = int(N * {fraction:g}), "
                           f"keep every score >= the n-th largest)"),
             "threshold": thr, "fraction": frac,
+            "cut": _cut(edge, has_clip),
             "alone_thresholds": ({k: scores[k].edge(scores[k].alone_bin) for k in ("sieve", "clip")}
                                  if "clip_not_sieve" in sec else None),
             "counts": {"pool": pool_rows, "store_rows": store_rows, "compared": table_rows, "scored": scored,
@@ -504,6 +513,20 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _cut(edge: dict, has_clip: bool) -> dict:
+    """The lowest kept and highest dropped fused scores (None when nothing is kept or dropped), and
+    whether the kept set is a threshold on the fused score (every kept above every dropped; ties
+    split between kept and dropped are not a threshold). With Sieve alone the fused score is Sieve
+    min-max normalised, so the same two rows are given in Sieve score units too."""
+    def num(x):
+        return None if math.isinf(x) else x
+
+    lo, hi = num(edge["kept_f"]), num(edge["drop_f"])
+    return {"lowest_kept": lo, "highest_dropped": hi, "is_threshold": lo is None or hi is None or lo > hi,
+            "lowest_kept_sieve": None if has_clip else num(edge["kept_s"]),
+            "highest_dropped_sieve": None if has_clip else num(edge["drop_s"])}
 
 
 def _automatic_notes(config: dict, clip_source: str | None, terms, models: bool = True) -> list[str]:
@@ -637,16 +660,27 @@ def _hist_svg(s: _Score, marks: list[tuple[float, str]], w: int = 420, h: int = 
         out.append(f'<text x="{x:.1f}" y="{y0 + ph + 14}" text-anchor="middle" font-size="10">{v:.3g}</text>')
     out.append(f'<text x="{x0 - 4}" y="{y0 + 8}" text-anchor="end" font-size="10">{top}</text>')
     out.append(f'<text x="{x0 - 4}" y="{y0 + ph}" text-anchor="end" font-size="10">0</text>')
-    for value, label in marks:
+    for i, (value, label) in enumerate(marks):
         x = x0 + pw * min(max((value - s.lo) / (s.hi - s.lo), 0.0), 1.0)
         out.append(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + ph}" stroke="#c0392b" '
                    f'stroke-dasharray="4,3"/>')
         right = x > x0 + pw * 0.6
-        out.append(f'<text x="{x - 3 if right else x + 3:.1f}" y="{y0 + 10}" text-anchor="{"end" if right else "start"}" '
+        out.append(f'<text x="{x - 3 if right else x + 3:.1f}" y="{y0 + 10 + 12 * i}" text-anchor="{"end" if right else "start"}" '
                    f'font-size="10" fill="#c0392b">{esc(label)}</text>')
     out.append(f'<text x="{x0}" y="{h - 4}" font-size="10" fill="#555">grey: all scored; green: kept</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _cut_marks(thr, lowest_kept, highest_dropped, is_threshold: bool) -> list:
+    """The marks of a histogram: the filter's threshold, else where the kept set starts (and, when it
+    is not a threshold, where the dropped set ends)."""
+    if thr is not None:
+        return [(thr, f"threshold {thr:.4g}")]
+    marks = [] if lowest_kept is None else [(lowest_kept, f"lowest kept {lowest_kept:.4g}")]
+    if not is_threshold and highest_dropped is not None:
+        marks.append((highest_dropped, f"highest dropped {highest_dropped:.4g}"))
+    return marks
 
 
 def _scatter_svg(points: list, sieve: _Score, clip: _Score, w: int = 420, h: int = 420) -> str:
@@ -712,19 +746,34 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
         trs.append(("uids in the subset file", _n(c["subset_uids"])))
     body.append("<h2>Counts</h2><table class=counts>"
                 + "".join(f"<tr><th>{esc(a)}</th><td>{esc(b)}</td></tr>" for a, b in trs) + "</table>")
+    cut = summary["cut"]
     how = esc(summary["selection"])
     if thr is not None:
         how += f"; fused threshold {thr:.6g}"
+        if cut["lowest_kept_sieve"] is not None:
+            how += f" (Sieve score {cut['lowest_kept_sieve']:.6g}: the lowest kept)"
     body.append(f"<p>Filter <b>{esc(summary['filter'])}</b>; kept = {how}.</p>")
+    if thr is None and cut["lowest_kept"] is not None and cut["highest_dropped"] is not None:
+        lo, hi = cut["lowest_kept"], cut["highest_dropped"]
+        raw = (f" (Sieve score {cut['lowest_kept_sieve']:.6g} and {cut['highest_dropped_sieve']:.6g})"
+               if cut["lowest_kept_sieve"] is not None else "")
+        if cut["is_threshold"]:
+            what = (f"The subset is a threshold on this fused score: every kept sample scores at least {lo:.6g} "
+                    f"and every dropped one at most {hi:.6g}{raw}.")
+        else:
+            what = (f"The subset is <b>not a threshold on this fused score</b>: the lowest kept sample scores "
+                    f"{lo:.6g} and the highest dropped {hi:.6g}{raw}, so some dropped samples score above kept "
+                    f"ones (a subset made by another filter, --alpha or CLIPScore column?).")
+        body.append(f"<p>{what}</p>")
     for n in summary["selection_notes"]:
         body.append(f'<div class="muted">{esc(n)}</div>')
 
     # plots
     alone = summary["alone_thresholds"] or {}
     frac = summary["fraction"]
-    fused_marks = [(thr, f"threshold {thr:.4g}")] if thr is not None else []
-    plots = [_hist_svg(scores["fused"], fused_marks),
-             _hist_svg(scores["sieve"], [(alone["sieve"], f"Sieve alone ≈{alone['sieve']:.4g}")] if alone else [])]
+    plots = [_hist_svg(scores["fused"], _cut_marks(thr, cut["lowest_kept"], cut["highest_dropped"], cut["is_threshold"])),
+             _hist_svg(scores["sieve"], [(alone["sieve"], f"Sieve alone ≈{alone['sieve']:.4g}")] if alone else
+                       _cut_marks(None, cut["lowest_kept_sieve"], cut["highest_dropped_sieve"], cut["is_threshold"]))]
     if has_clip:
         plots.append(_hist_svg(scores["clip"], [(alone["clip"], f"CLIP alone ≈{alone['clip']:.4g}")] if alone else []))
         plots.append(_scatter_svg(sec["scatter"].rows(), scores["sieve"], scores["clip"]))
@@ -747,8 +796,14 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
     border = list(reversed(bk.rows())) + bd.rows()
     body.append(f"<h2>Borderline</h2><p class=muted>{len(bk.prio):,} lowest-scoring kept and {len(bd.prio):,} "
                 f"highest-scoring dropped samples, by fused score.</p>")
-    body.append(_gallery(border, **g, line_after=len(bk.prio),
-                         line="the threshold" + (f" ({thr:.6g})" if thr is not None else "")))
+    if thr is not None:
+        line = f"the threshold ({thr:.6g})"
+    elif cut["is_threshold"]:
+        line = "the cut: kept above, dropped below"
+    else:
+        line = ("kept above, dropped below: NOT a threshold on this fused score (the lowest kept score below the "
+                "highest dropped)")
+    body.append(_gallery(border, **g, line_after=len(bk.prio), line=line))
     body.append(head("dropped_bottom", "Bottom dropped", "The {shown:,} lowest fused scores of the {of:,} dropped."))
     body.append(_gallery(sec["dropped_bottom"].rows(), **g))
     if "clip_not_sieve" in sec:

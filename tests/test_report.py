@@ -642,3 +642,59 @@ def test_demo_writes_the_report_and_says_what_it_used(tmp_path, monkeypatch, cap
     p.feed(index.read_text())
     assert "demo" in p.notes[0] and "STAND-IN" in p.notes[1]  # the model choice tops the report
     assert any("CLIPScore" in n for n in p.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# where the kept set is cut, and why samples are missing
+
+
+def test_a_subset_report_marks_where_the_subset_cuts_the_fused_score(synth, tmp_path):
+    """With --subset (the README's command) the page had no threshold at all: now the lowest kept
+    and the highest dropped fused scores are marked and it says whether the subset is a threshold on
+    this fused score."""
+    root, d = synth
+    store = str(root / "store")
+    assert cli.main(["filter", "--name", "sieve_clip", "--clip_from", "store", "--fraction", "0.2",
+                     "--scores_dir", store, "--save_path", str(tmp_path / "sub.npy"), "--quiet"]) == 0
+    ok, fused = brute_fused(d)
+    desc = np.sort(fused)[::-1]
+    thr = desc[int(ok.sum() * 0.2)]
+    by_frac = write_report(store, None, tmp_path / "f", per_section=6, progress=False)
+    s = write_report(store, None, tmp_path / "r", subset=str(tmp_path / "sub.npy"), per_section=6, progress=False)
+    assert s["counts"]["kept"] == by_frac["counts"]["kept"]
+    cut = s["cut"]
+    assert cut["lowest_kept"] == pytest.approx(float(thr)) and cut["is_threshold"] is True
+    assert cut["highest_dropped"] == pytest.approx(float(desc[desc < thr][0]))
+    assert by_frac["cut"]["lowest_kept"] == pytest.approx(by_frac["threshold"])
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert f"lowest kept {thr:.4g}" in page  # marked on the fused histogram
+    assert "a threshold on this fused score" in page and "not a threshold" not in page
+
+    # a subset that is not a cut of this fused score (another filter's, say) is said to be one
+    chosen = list(d["uid"][ok][::97])
+    write_subset(tmp_path / "other.npy", keys_from_strings(chosen))
+    s = write_report(store, None, tmp_path / "o", subset=str(tmp_path / "other.npy"), per_section=6, progress=False)
+    f_of = dict(zip(d["uid"][ok], fused))
+    lo, hi = min(f_of[u] for u in chosen), max(f for u, f in f_of.items() if u not in set(chosen))
+    assert s["cut"] == pytest.approx({"lowest_kept": float(lo), "highest_dropped": float(hi), "is_threshold": False,
+                                      "lowest_kept_sieve": None, "highest_dropped_sieve": None})
+    page = (tmp_path / "o" / "index.html").read_text()
+    assert "not a threshold on this fused score" in page
+    assert f"lowest kept {lo:.4g}" in page and f"highest dropped {hi:.4g}" in page
+
+
+def test_sieve_alone_marks_the_threshold_in_sieve_score_units(tmp_path):
+    """With Sieve alone the fused score is Sieve min-max normalised: the page also says the cut in
+    the Sieve score's own units (what the paper and a researcher speak in), on its histogram."""
+    from synth_store import write_folder
+
+    write_folder(str(tmp_path / "store"), rows=3000, files=2, seed=3)
+    s = write_report(str(tmp_path / "store"), None, tmp_path / "r", per_section=5, progress=False)
+    t = pq.read_table(sorted((tmp_path / "store").glob("*.parquet"))).column("sieve_score").to_numpy()
+    kept = np.sort(t)[::-1][: s["counts"]["kept"]]
+    assert s["cut"]["lowest_kept_sieve"] == float(kept[-1])
+    assert s["cut"]["highest_dropped_sieve"] == float(np.sort(t)[::-1][s["counts"]["kept"]])
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert f"Sieve score {kept[-1]:.4g}" in page  # in the sentence under the counts
+    assert page.count(f"lowest kept {kept[-1]:.4g}") == 1  # marked on the Sieve histogram
+
