@@ -443,8 +443,9 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
         if absent:
             log.warning("%d of the subset's %d uids are not among the %d scored samples of %s", absent,
                         kept_of.unique, scored, scores_dir)
-        n_alone = int(scored * frac)
-        if has_clip and n_alone < scored:
+        # each score alone keeps as many rows as the kept set: DataComp's n (n + 1 rows, plus ties)
+        n_alone = int(scored * frac) if kept_of is None else kept_n - 1
+        if has_clip and 0 <= n_alone < scored:
             for s in (scores["sieve"], scores["clip"]):
                 s.alone_bin = _top_bin(s.all, n_alone)
             sec["clip_not_sieve"] = _TopK(per_section)
@@ -816,7 +817,7 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
                          "CLIPScore alone would drop."))
         body.append(_gallery(sec["sieve_not_clip"].rows(), **g))
     elif has_clip:
-        body.append("<h2>Disagreements</h2><p class=muted>Not shown: the fraction keeps every sample.</p>")
+        body.append("<h2>Disagreements</h2><p class=muted>Not shown: the kept set holds every scored sample, or none.</p>")
 
     # the run
     text = json.dumps(manifest, indent=1, sort_keys=True, default=str, ensure_ascii=False)

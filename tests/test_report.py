@@ -698,3 +698,19 @@ def test_sieve_alone_marks_the_threshold_in_sieve_score_units(tmp_path):
     assert f"Sieve score {kept[-1]:.4g}" in page  # in the sentence under the counts
     assert page.count(f"lowest kept {kept[-1]:.4g}") == 1  # marked on the Sieve histogram
 
+
+def test_with_a_subset_each_score_alone_keeps_as_many_as_the_subset(synth, tmp_path):
+    """The disagreement sets compare each score alone keeping the same number of samples as the
+    kept set; with --subset it kept one more (n = int(N * kept / N) = kept, then n + 1 rows)."""
+    from synth_store import write_folder
+
+    store = str(tmp_path / "store")  # few rows, so neighbours fall in different histogram bins
+    write_folder(store, rows=400, files=2, seed=5, columns=("sieve_score", "clip_score"), ties=False)
+    assert cli.main(["filter", "--name", "sieve_clip", "--clip_from", "store", "--fraction", "0.2",
+                     "--scores_dir", store, "--save_path", str(tmp_path / "sub.npy"), "--quiet"]) == 0
+    by_frac = write_report(store, None, tmp_path / "f", per_section=6, progress=False)
+    s = write_report(store, None, tmp_path / "r", subset=str(tmp_path / "sub.npy"), per_section=6, progress=False)
+    assert s["counts"]["kept"] == by_frac["counts"]["kept"] == 81
+    assert s["alone_thresholds"] == by_frac["alone_thresholds"]
+    for k in ("clip_not_sieve", "sieve_not_clip"):
+        assert s["sections"][k]["eligible"] == by_frac["sections"][k]["eligible"]
