@@ -52,6 +52,7 @@ PLOT_BINS = 64
 PER_SECTION = 24
 SCATTER_POINTS = 2000
 THUMB_PX = 160
+REASONS = 12  # download failure reasons listed on the page (all are in report.json)
 MARKER = "report.json"
 NO_STATUS = "unknown (the store has no status column)"
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
@@ -491,7 +492,8 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
             "counts": {"pool": pool_rows, "store_rows": store_rows, "compared": table_rows, "scored": scored,
                        "kept": kept_n, "status": dict(sorted(status.items())),
                        "failed": {k: v for k, v in sorted(status.items()) if k not in ("ok", NO_STATUS)},
-                       "subset_uids": len(kept_of.pairs) if kept_of is not None else None},
+                       "subset_uids": len(kept_of.pairs) if kept_of is not None else None,
+                       "downloads": _downloads(shards)},
             "sections": {k: {"eligible": s.seen, "shown": len(s.prio),
                              **({} if k == "scatter" else {"uids": [u.hex() for u, _ in s.rows()]})}
                          for k, s in sec.items()},
@@ -514,6 +516,26 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _downloads(shards: list | None) -> dict | None:
+    """What img2dataset says of the pool's URLs, summed over the shards' ``_stats.json``: tried,
+    downloaded, failed to download, failed to resize, and the failures by reason (its
+    ``status_dict``, most frequent first). None without shards or without any stats file."""
+    have = [s.stats for s in shards or () if isinstance(s.stats, dict)]
+    if not have:
+        return None
+    out = {"shards": len(shards), "shards_with_stats": len(have)}
+    for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+        out[k] = sum(v for v in (st.get(k) for st in have) if isinstance(v, int) and not isinstance(v, bool))
+    reasons: dict = {}
+    for st in have:
+        d = st.get("status_dict")
+        for reason, n in (d.items() if isinstance(d, dict) else ()):
+            if reason != "success" and isinstance(n, int) and not isinstance(n, bool):
+                reasons[str(reason)] = reasons.get(str(reason), 0) + n
+    out["reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return out
 
 
 def _cut(edge: dict, has_clip: bool) -> dict:
@@ -737,7 +759,14 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
     trs = []
     if c["pool"] is not None:
         trs.append(("pool (metadata rows)", _n(c["pool"])))
-        trs.append(("not downloaded (metadata rows minus store rows)", _n(max(c["pool"] - c["store_rows"], 0))))
+        trs.append(("metadata rows with no stored sample (metadata rows minus store rows)",
+                    _n(max(c["pool"] - c["store_rows"], 0))))
+    dl = c.get("downloads")
+    if dl:
+        trs.append(("URLs tried (img2dataset)", _n(dl["count"])))
+        trs.append(("downloaded (img2dataset)", _n(dl["successes"])))
+        trs.append(("failed to download (img2dataset)", _n(dl["failed_to_download"])))
+        trs.append(("failed to resize (img2dataset)", _n(dl["failed_to_resize"])))
     trs.append(("downloaded samples (store rows)", _n(c["store_rows"])))
     for k, v in c["failed"].items():
         trs.append((f"failed: {k}", _n(v)))
@@ -747,6 +776,15 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
         trs.append(("uids in the subset file", _n(c["subset_uids"])))
     body.append("<h2>Counts</h2><table class=counts>"
                 + "".join(f"<tr><th>{esc(a)}</th><td>{esc(b)}</td></tr>" for a, b in trs) + "</table>")
+    if dl:
+        reasons = list(dl["reasons"].items())
+        shown = "".join(f"<li>{esc(r)}: {_n(n)}</li>" for r, n in reasons[:REASONS])
+        if len(reasons) > REASONS:
+            shown += (f"<li>{len(reasons) - REASONS:,} other reasons: "
+                      f"{_n(sum(n for _, n in reasons[REASONS:]))} (all in report.json)</li>")
+        body.append(f'<details><summary class="muted">img2dataset counts from the _stats.json of '
+                    f'{dl["shards_with_stats"]:,} of the {dl["shards"]:,} shards; failures by reason '
+                    f'({len(reasons):,})</summary><ul class="muted">{shown}</ul></details>')
     cut = summary["cut"]
     how = esc(summary["selection"])
     if thr is not None:

@@ -714,3 +714,38 @@ def test_with_a_subset_each_score_alone_keeps_as_many_as_the_subset(synth, tmp_p
     assert s["alone_thresholds"] == by_frac["alone_thresholds"]
     for k in ("clip_not_sieve", "sieve_not_clip"):
         assert s["sections"][k]["eligible"] == by_frac["sections"][k]["eligible"]
+
+
+def test_download_failures_are_counted_by_reason_from_the_shards_stats(synth, tmp_path):
+    """The metadata rows with no sample were one line, 'not downloaded', though img2dataset's
+    _stats.json beside each tar says how many failed to download and to resize, and why."""
+    root, _ = synth
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    stats = {
+        "00000000": {"count": 100, "successes": 90, "failed_to_download": 8, "failed_to_resize": 2,
+                     "status_dict": {"success": 90, "HTTP Error 404: Not Found": 5, "<b>timeout</b>": 3,
+                                     "image is too small": 2}},
+        "00000001": {"count": 50, "successes": 47, "failed_to_download": 3, "failed_to_resize": 0,
+                     "status_dict": {"success": 47, "HTTP Error 404: Not Found": 3}},
+        "00000002": None,  # no _stats.json: said, not guessed
+    }
+    for stem, st in stats.items():
+        (shards / f"{stem}.tar").write_text("not a tar")
+        if st is not None:
+            (shards / f"{stem}_stats.json").write_text(json.dumps(st))
+    s = write_report(str(root / "store"), str(shards), tmp_path / "r", per_section=2, progress=False)
+    assert s["counts"]["downloads"] == {
+        "shards": 3, "shards_with_stats": 2, "count": 150, "successes": 137, "failed_to_download": 11,
+        "failed_to_resize": 2, "reasons": {"HTTP Error 404: Not Found": 8, "<b>timeout</b>": 3,
+                                           "image is too small": 2}}
+    page = (tmp_path / "r" / "index.html").read_text()
+    p = _Page()
+    p.feed(page)
+    text = " ".join(" ".join(p.text).split())
+    assert "failed to download (img2dataset) 11" in text and "failed to resize (img2dataset) 2" in text
+    assert "HTTP Error 404: Not Found: 8" in text and "<b>timeout</b>: 3" in text  # escaped, shown as text
+    assert "from the _stats.json of 2 of the 3 shards" in text
+    # without shards, or shards without stats, there is nothing to say
+    s = write_report(str(root / "store"), None, tmp_path / "r2", per_section=2, progress=False)
+    assert s["counts"]["downloads"] is None
