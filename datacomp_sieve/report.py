@@ -408,7 +408,8 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
         fusion = Fusion(terms, normalize=True)
         for i, t in enumerate(terms):
             fusion.min[i], fusion.max[i] = sel.minmax[t.name]
-        scores = {"sieve": _Score("Sieve score", *sel.minmax["sieve"]), "fused": _Score("fused score", 0.0, 1.0)}
+        scores = {"sieve": _Score("Sieve score", *sel.minmax["sieve"]), "fused": _Score(
+            "fused score" if has_clip else "Sieve score, min-max normalised (the filter's)", 0.0, 1.0)}
         if has_clip:
             scores["clip"] = _Score("CLIPScore", *sel.minmax["clip"])
         # where the kept set is cut: the lowest kept and highest dropped fused (and Sieve) scores, exact
@@ -483,7 +484,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
             "filter": "sieve_clip" if has_clip else "sieve", "alpha": alpha if has_clip else None,
             "clip_source": clip_source, "subset": subset,
             "selection": (f"uids in {subset}" if subset else
-                          f"top {fraction:g} by fused score (DataComp's convention: n = int(N * {fraction:g}), "
+                          f"top {fraction:g} by {'fused' if has_clip else 'Sieve'} score (DataComp's convention: n = int(N * {fraction:g}), "
                           f"keep every score >= the n-th largest)"),
             "threshold": thr, "fraction": frac,
             "cut": _cut(edge, has_clip),
@@ -584,6 +585,7 @@ table.counts td,table.counts th{padding:.15em .8em;text-align:left;border-bottom
 .card.kept{border-left:5px solid #2a9d3a} .card.dropped{border-left:5px solid #c0392b}
 .thumb{display:block;margin:0 auto .4em;max-width:160px;max-height:160px}
 .noimg{height:60px;background:#eee;color:#666;display:flex;align-items:center;justify-content:center;font-size:11px}
+.alt{max-height:9.5em;overflow-y:auto} .legend{margin:1em 0;font-size:13px;color:#444}
 mark{background:#ffd54f} .best{font-weight:bold} .muted{color:#777;font-size:11px}
 ul.caps{margin:.2em 0;padding-left:1.2em} .line{border-top:2px dashed #c0392b;margin:.6em 0;color:#c0392b}
 pre{background:#f6f6f6;padding:.6em;overflow:auto;max-height:30em;font-size:12px}
@@ -621,11 +623,12 @@ def _card(uid: bytes, vals: np.ndarray, row: dict, thumb: dict, masking: str, ha
                      f'height="{int(thumb["height"])}" alt="">')
     else:
         parts.append(f'<div class="noimg">{esc(thumb.get("error", "no thumbnail (no --shards_dir)"))}</div>')
-    scores = f"fused {_fmt(vals[_F])} · Sieve {_fmt(vals[_S])}"
     if has_clip:
-        scores += f" · CLIP {_fmt(vals[_C])}"
+        scores = f"fused {_fmt(vals[_F])} · Sieve {_fmt(vals[_S])} · CLIP {_fmt(vals[_C])}"
+    else:  # Sieve alone: the filter's score is Sieve min-max normalised; nothing is fused
+        scores = f"Sieve {_fmt(vals[_S])} · normalised {_fmt(vals[_F])}"
     parts.append(f"<div><b>{'kept' if kept else 'dropped'}</b> · {scores}</div>")
-    parts.append(f"<div><b>alt-text:</b> {_highlight(row.get('text'), masking)}</div>")
+    parts.append(f"<div class=\"alt\"><b>alt-text:</b> {_highlight(row.get('text'), masking)}</div>")
     caps = row.get("captions") or []
     best = row.get("best_caption")
     if caps:
@@ -786,9 +789,10 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
                     f'{dl["shards_with_stats"]:,} of the {dl["shards"]:,} shards; failures by reason '
                     f'({len(reasons):,})</summary><ul class="muted">{shown}</ul></details>')
     cut = summary["cut"]
+    score = "fused" if has_clip else "normalised Sieve"  # what the filter thresholds
     how = esc(summary["selection"])
     if thr is not None:
-        how += f"; fused threshold {thr:.6g}"
+        how += f"; {score} threshold {thr:.6g}"
         if cut["lowest_kept_sieve"] is not None:
             how += f" (Sieve score {cut['lowest_kept_sieve']:.6g}: the lowest kept)"
     body.append(f"<p>Filter <b>{esc(summary['filter'])}</b>; kept = {how}.</p>")
@@ -797,10 +801,10 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
         raw = (f" (Sieve score {cut['lowest_kept_sieve']:.6g} and {cut['highest_dropped_sieve']:.6g})"
                if cut["lowest_kept_sieve"] is not None else "")
         if cut["is_threshold"]:
-            what = (f"The subset is a threshold on this fused score: every kept sample scores at least {lo:.6g} "
+            what = (f"The subset is a threshold on this {score} score: every kept sample scores at least {lo:.6g} "
                     f"and every dropped one at most {hi:.6g}{raw}.")
         else:
-            what = (f"The subset is <b>not a threshold on this fused score</b>: the lowest kept sample scores "
+            what = (f"The subset is <b>not a threshold on this {score} score</b>: the lowest kept sample scores "
                     f"{lo:.6g} and the highest dropped {hi:.6g}{raw}, so some dropped samples score above kept "
                     f"ones (a subset made by another filter, --alpha or CLIPScore column?).")
         body.append(f"<p>{what}</p>")
@@ -829,21 +833,25 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
         return f"<h2>{esc(title)}</h2><p class=muted>{esc(how.format(shown=len(s.prio), of=s.seen))}</p>"
 
     g = dict(rows=rows, thumbs=thumbs, masking=masking, has_clip=has_clip)
-    body.append(head("kept_top", "Top kept", "The {shown:,} highest fused scores of the {of:,} kept."))
+    body.append('<div class="legend">Each card: its thumbnail, <b>kept</b> (green edge) or <b>dropped</b> (red '
+                f'edge), its scores, the alt-text and the captions; <mark>marked</mark>: the medium phrases the '
+                f'{esc(masking)} masking removes before the texts are encoded; ★ the best caption (the one '
+                f'whose similarity to the alt-text is the Sieve score). Galleries are ordered by the {score} score.</div>')
+    body.append(head("kept_top", "Top kept", "The {shown:,} highest " + score + " scores of the {of:,} kept."))
     body.append(_gallery(sec["kept_top"].rows(), **g))
     bk, bd = sec["border_kept"], sec["border_dropped"]
     border = list(reversed(bk.rows())) + bd.rows()
     body.append(f"<h2>Borderline</h2><p class=muted>{len(bk.prio):,} lowest-scoring kept and {len(bd.prio):,} "
-                f"highest-scoring dropped samples, by fused score.</p>")
+                f"highest-scoring dropped samples, by {score} score.</p>")
     if thr is not None:
         line = f"the threshold ({thr:.6g})"
     elif cut["is_threshold"]:
         line = "the cut: kept above, dropped below"
     else:
-        line = ("kept above, dropped below: NOT a threshold on this fused score (the lowest kept score below the "
-                "highest dropped)")
+        line = (f"kept above, dropped below: NOT a threshold on this {score} score (the lowest kept score below "
+                "the highest dropped)")
     body.append(_gallery(border, **g, line_after=len(bk.prio), line=line))
-    body.append(head("dropped_bottom", "Bottom dropped", "The {shown:,} lowest fused scores of the {of:,} dropped."))
+    body.append(head("dropped_bottom", "Bottom dropped", "The {shown:,} lowest " + score + " scores of the {of:,} dropped."))
     body.append(_gallery(sec["dropped_bottom"].rows(), **g))
     if "clip_not_sieve" in sec:
         body.append(head("clip_not_sieve", "CLIPScore keeps, Sieve drops",

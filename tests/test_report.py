@@ -749,3 +749,27 @@ def test_download_failures_are_counted_by_reason_from_the_shards_stats(synth, tm
     # without shards, or shards without stats, there is nothing to say
     s = write_report(str(root / "store"), None, tmp_path / "r2", per_section=2, progress=False)
     assert s["counts"]["downloads"] is None
+
+
+def test_the_galleries_explain_their_marks_and_sieve_alone_is_not_called_fused(tmp_path):
+    """The yellow marks were explained only at the very bottom of a long page; with Sieve alone the
+    page called the min-max normalised Sieve score 'fused' though nothing is fused; a web alt-text
+    of thousands of characters made its card as tall as the screen many times over."""
+    from synth_store import write_folder
+
+    write_folder(str(tmp_path / "store"), rows=500, files=1, seed=4)
+    write_report(str(tmp_path / "store"), None, tmp_path / "r", per_section=4, progress=False)
+    page = (tmp_path / "r" / "index.html").read_text()
+    legend = page.index('class="legend"')
+    assert legend < page.index('class="gallery"')
+    for words in ("<mark>", "masking removes", "★", "kept", "dropped"):
+        assert words in page[legend: page.index("</div>", legend)], words
+    assert "fused" not in page.replace("the fused score", "")  # nothing is fused: only said as such
+    assert "Sieve score, min-max normalised" in page and "normalised 1.0000" in page
+    # a long alt-text is shown whole, in a box of bounded height that scrolls
+    from datacomp_sieve.report import _card
+
+    row = {"text": "a photo of a dog " * 400, "captions": ["a dog"], "best_caption": "a dog"}
+    card = _card(b"\x01" * 16, np.array([0.3, np.nan, 0.5, 1.0]), row, {}, "official", False)
+    assert '<div class="alt">' in card and card.count("<mark>a photo of</mark>") == 400
+    assert ".alt{" in page and "max-height" in page[page.index(".alt{"):page.index("}", page.index(".alt{"))]
