@@ -52,6 +52,7 @@ PLOT_BINS = 64
 PER_SECTION = 24
 SCATTER_POINTS = 2000
 THUMB_PX = 160
+EXAMPLES = 3  # failed samples listed per failure status
 REASONS = 12  # download failure reasons listed on the page (all are in report.json)
 MARKER = "report.json"
 NO_STATUS = "unknown (the store has no status column)"
@@ -241,12 +242,14 @@ def _stream(table, fusion, kept_of, thr, sections, rng, progress, desc) -> int:
     return counted
 
 
-def _lookup(store, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]:
+def _lookup(store, wanted: set[bytes], progress: bool, failed: dict | None = None) -> tuple[dict, dict, int]:
     """Store rows of the wanted uids (with their shard), status counts, and the store's rows.
 
     ``store``: the store's ``ParquetFolder``; uids and statuses are read as ``filter`` reads
     scores (``batches``: footers read once, files on threads); then the few files holding a
-    wanted uid are read for its captions.
+    wanted uid are read for its captions. ``failed``: when given (and every file has a status
+    column), filled with status -> the first ``EXAMPLES`` rows of that failure status in read
+    order, each {uid, shard, key, error} (uid None for a sample without one).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -261,12 +264,19 @@ def _lookup(store, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]
     with_status = all("status" in f.names for f in footers)
     status: dict = {}
     hits = []  # row numbers (over the whole store, in read order) of wanted uids
+    picks: dict = {}  # failure status -> row numbers of its first examples
     total = 0
     bar = _progress(store.num_rows(), "look up shown rows", progress)
     for t in store.batches(["uid", "status"] if with_status else ["uid"]):
         if with_status:
-            for item in pc.value_counts(t.column("status").combine_chunks().fill_null("(none)")).to_pylist():
-                status[item["values"]] = status.get(item["values"], 0) + item["counts"]
+            st = t.column("status").combine_chunks()
+            for item in pc.value_counts(st.fill_null("(none)")).to_pylist():
+                v = item["values"]
+                status[v] = status.get(v, 0) + item["counts"]
+                need = EXAMPLES - len(picks.get(v, ()))
+                if failed is not None and v not in ("ok", "(none)") and need > 0:
+                    at = pc.indices_nonzero(pc.fill_null(pc.equal(st, v), False)).to_numpy()[:need]
+                    picks.setdefault(v, []).extend((total + at).tolist())
         uid = t.column("uid").combine_chunks()
         if len(want) and len(uid):
             where = np.flatnonzero(uid.is_valid().to_numpy(zero_copy_only=False))
@@ -296,6 +306,20 @@ def _lookup(store, wanted: set[bytes], progress: bool) -> tuple[dict, dict, int]
         stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
         for r in part.to_pylist():
             rows.setdefault(bytes.fromhex(r["uid"]), {**r, "shard": stem})
+    if picks:
+        at = np.array(sorted(p for v in picks.values() for p in v), np.int64)
+        unit_of = np.searchsorted(ends, at, side="right")
+        found: dict = {}
+        for u in np.unique(unit_of):
+            i, g, n = units[u]
+            path = store.paths[i]
+            cols = [c for c in ("uid", "key", "error") if c in footers[i].names]
+            mine = at[unit_of == u]
+            part = store._file(path).read_row_group(g, columns=cols).take(pa.array(mine - (ends[u] - n)))
+            stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
+            for p, r in zip(mine.tolist(), part.to_pylist()):
+                found[p] = {"uid": r.get("uid"), "shard": stem, "key": r.get("key"), "error": r.get("error")}
+        failed.update({v: [found[p] for p in picks[v]] for v in sorted(picks)})
     return rows, status, total
 
 
@@ -351,6 +375,31 @@ def _thumbnails(shards_dir: str | None, shards: list | None, rows: dict, out: Pa
         log.warning("%d of the %d samples shown were not found in %s%s", lost, len(thumbs), shards_dir,
                     ": are these the pool's shards?" if lost == len(thumbs) else "")
     return thumbs
+
+
+def _failed_texts(shards: list | None, failed: dict) -> None:
+    """The url (from the json) and alt-text of the failed examples, from their tars when there."""
+    from .shards import read_samples
+
+    by_stem: dict = {}
+    for examples in failed.values():
+        for e in examples:
+            if e["key"] is not None:
+                by_stem.setdefault(e["shard"], []).append(e)
+    have = {s.stem: s for s in shards or ()}
+    for stem, examples in sorted(by_stem.items()):
+        if stem not in have:
+            continue
+        try:
+            samples = read_samples(have[stem], {e["key"] for e in examples})
+        except OSError as err:
+            log.warning("cannot read shard %s: %s", stem, err)
+            continue
+        for e in examples:
+            sample = samples.get(e["key"])
+            if sample is not None:
+                j = sample.json if isinstance(sample.json, dict) else {}
+                e["url"], e["text"] = j.get("url"), sample.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,13 +518,15 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
     for name, s in sec.items():
         if name != "scatter":
             wanted.update(k for k, _ in s.rows())
-    rows, status, store_rows = _lookup(folder(opts, scores_dir, "score store"), wanted, progress)
+    failed: dict = {}
+    rows, status, store_rows = _lookup(folder(opts, scores_dir, "score store"), wanted, progress, failed)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         thumbs = _thumbnails(shards_dir, shards, rows, tmp, progress)
+        _failed_texts(shards, failed)
         pool_rows = folder(opts, metadata_dir, "metadata folder").num_rows() if metadata_dir else None
         masking = config.get("masking", "official")
         summary = {
@@ -495,6 +546,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
                        "failed": {k: v for k, v in sorted(status.items()) if k not in ("ok", NO_STATUS)},
                        "subset_uids": len(kept_of.pairs) if kept_of is not None else None,
                        "downloads": _downloads(shards)},
+            "failed_examples": failed,
             "sections": {k: {"eligible": s.seen, "shown": len(s.prio),
                              **({} if k == "scatter" else {"uids": [u.hex() for u, _ in s.rows()]})}
                          for k, s in sec.items()},
@@ -579,6 +631,7 @@ body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
 h1{margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ccc}
 .note{background:#fff4d6;border:1px solid #e0b84c;padding:.5em .8em;margin:.3em 0}
 table.counts td,table.counts th{padding:.15em .8em;text-align:left;border-bottom:1px solid #eee}
+table.failed td{max-width:28em;overflow-wrap:anywhere;vertical-align:top;font-size:13px}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:.8em}
 .card{border:1px solid #ddd;border-radius:4px;padding:.5em;font-size:13px;overflow-wrap:anywhere}
@@ -790,6 +843,18 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
                     f'({len(reasons):,})</summary><ul class="muted">{shown}</ul></details>')
     cut = summary["cut"]
     score = "fused" if has_clip else "normalised Sieve"  # what the filter thresholds
+    if summary["failed_examples"]:
+        cells = []
+        for st, examples in summary["failed_examples"].items():
+            for e in examples:
+                cells.append("".join(f"<td>{x}</td>" for x in (
+                    esc(st), esc(e["uid"]) if e["uid"] is not None else '<span class="muted">(none)</span>',
+                    f'{esc(e["shard"])} / {esc(e["key"])}', esc(e["error"]), esc(e.get("url")),
+                    esc(e.get("text")))))
+        body.append(f'<details><summary class="muted">Failed samples: the first {EXAMPLES} of each failure '
+                    f'status</summary><table class="counts failed"><tr><th>status</th><th>uid</th><th>shard / key'
+                    f'</th><th>error</th><th>url</th><th>alt-text</th></tr>'
+                    + "".join(f"<tr>{c}</tr>" for c in cells) + "</table></details>")
     how = esc(summary["selection"])
     if thr is not None:
         how += f"; {score} threshold {thr:.6g}"

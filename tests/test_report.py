@@ -773,3 +773,67 @@ def test_the_galleries_explain_their_marks_and_sieve_alone_is_not_called_fused(t
     card = _card(b"\x01" * 16, np.array([0.3, np.nan, 0.5, 1.0]), row, {}, "official", False)
     assert '<div class="alt">' in card and card.count("<mark>a photo of</mark>") == 400
     assert ".alt{" in page and "max-height" in page[page.index(".alt{"):page.index("}", page.index(".alt{"))]
+
+
+def test_failed_samples_are_shown_by_status_with_examples(tmp_path):
+    """The counts said 'failed: corrupt_image 200' and nothing more: which samples, and why? Now up
+    to EXAMPLES of each failure status are listed with their uid, shard, key, error and, from the
+    tars, their url and alt-text (a sample without a uid too)."""
+    from datacomp_sieve.report import EXAMPLES
+
+    rng = np.random.default_rng(1)
+    store = tmp_path / "store"
+    store.mkdir()
+    kinds = {"corrupt_image": 7, "no_uid": 2, "not_an_image": 1}
+    expect: dict = {}
+    for i in range(2):
+        n = 300
+        uid = random_uids(rng, n).to_pylist()
+        status = ["ok"] * n
+        error = [None] * n
+        at = iter(rng.permutation(n)[:10].tolist())
+        for k, m in kinds.items():
+            for _ in range(m // 2 + (i == 0) * (m % 2)):
+                j = next(at)
+                status[j], error[j] = k, f"<{k}> in file {i} row {j}"
+                if k == "no_uid":
+                    uid[j] = None
+        bad = np.array(status) != "ok"
+        pq.write_table(pa.table({
+            "uid": pa.array(uid, pa.string()), "key": [f"{i:04d}{j:05d}" for j in range(n)],
+            "sieve_score": pa.array(rng.random(n).astype(np.float32), mask=bad),
+            "status": status, "error": error}), store / f"{i:08d}.parquet", row_group_size=64)
+        for j in np.flatnonzero(bad):
+            expect.setdefault(status[j], []).append(
+                {"uid": uid[j], "shard": f"{i:08d}", "key": f"{i:04d}{j:05d}", "error": error[j]})
+    s = write_report(str(store), None, tmp_path / "r", per_section=2, progress=False)
+    assert EXAMPLES == 3
+    assert s["failed_examples"] == {k: v[:EXAMPLES] for k, v in sorted(expect.items())}
+    assert s["counts"]["failed"] == {"corrupt_image": 7, "no_uid": 2, "not_an_image": 1}
+    page = (tmp_path / "r" / "index.html").read_text()
+    p = _Page()
+    p.feed(page)
+    text = " ".join(" ".join(p.text).split())
+    for k, v in expect.items():
+        for e in v[:EXAMPLES]:
+            assert e["error"] in text and e["key"] in text  # shown, escaped
+    assert "<corrupt_image>" not in page and "&lt;corrupt_image&gt;" in page
+
+    # with the shards, each example's url and alt-text, read from its tar
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    mine = [e for v in s["failed_examples"].values() for e in v if e["shard"] == "00000000"]
+    with tarfile.open(shards / "00000000.tar", "w") as t:
+        for e in mine:
+            for ext, data in (("jpg", b"<html>not an image</html>"), ("txt", f"alt <b>{e['key']}</b>".encode()),
+                              ("json", json.dumps({"uid": e["uid"], "url": f"http://x.invalid/{e['key']}"}).encode())):
+                info = tarfile.TarInfo(f"{e['key']}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    s = write_report(str(store), str(shards), tmp_path / "r2", per_section=2, progress=False)
+    got = [e for v in s["failed_examples"].values() for e in v]
+    assert [(e.get("url"), e.get("text")) for e in got if e["shard"] == "00000000"] == [
+        (f"http://x.invalid/{e['key']}", f"alt <b>{e['key']}</b>") for e in mine]
+    assert all("url" not in e for e in got if e["shard"] == "00000001")  # not in the shards folder
+    page = (tmp_path / "r2" / "index.html").read_text()
+    assert f"alt &lt;b&gt;{mine[0]['key']}&lt;/b&gt;" in page and f"http://x.invalid/{mine[0]['key']}" in page
