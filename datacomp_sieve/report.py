@@ -681,7 +681,9 @@ def _card(uid: bytes, vals: np.ndarray, row: dict, thumb: dict, masking: str, ha
     else:  # Sieve alone: the filter's score is Sieve min-max normalised; nothing is fused
         scores = f"Sieve {_fmt(vals[_S])} · normalised {_fmt(vals[_F])}"
     parts.append(f"<div><b>{'kept' if kept else 'dropped'}</b> · {scores}</div>")
-    parts.append(f"<div class=\"alt\"><b>alt-text:</b> {_highlight(row.get('text'), masking)}</div>")
+    alt = (_highlight(row["text"], masking) if "text" in row  # set when its tar sample was read
+           else '<span class="muted">(not read from the shards)</span>')
+    parts.append(f"<div class=\"alt\"><b>alt-text:</b> {alt}</div>")
     caps = row.get("captions") or []
     best = row.get("best_caption")
     if caps:
@@ -699,6 +701,8 @@ def _card(uid: bytes, vals: np.ndarray, row: dict, thumb: dict, masking: str, ha
         meta.append(f"shard {esc(row['shard'])} key {esc(row.get('key'))}")
     if row.get("status") not in (None, "ok"):
         meta.append(f"status {esc(row['status'])}: {esc(row.get('error'))}")
+    elif row.get("error"):  # an ok sample's note, e.g. its alt-text was not UTF-8
+        meta.append(f"note: {esc(row['error'])}")
     j = row.get("json")
     if isinstance(j, dict) and j.get("url") is not None:
         meta.append(f"url {esc(j.get('url'))}")

@@ -837,3 +837,19 @@ def test_failed_samples_are_shown_by_status_with_examples(tmp_path):
     assert all("url" not in e for e in got if e["shard"] == "00000001")  # not in the shards folder
     page = (tmp_path / "r2" / "index.html").read_text()
     assert f"alt &lt;b&gt;{mine[0]['key']}&lt;/b&gt;" in page and f"http://x.invalid/{mine[0]['key']}" in page
+
+
+def test_a_card_says_when_the_alt_text_was_not_read_and_shows_an_ok_sample_s_note():
+    """A card without its tar sample said 'alt-text: (none)', as if the sample had no alt-text;
+    and the note an 'ok' sample carries (a non-UTF-8 alt-text decoded with U+FFFD) was not shown,
+    though it explains the replacement characters in the alt-text."""
+    from datacomp_sieve.report import _card
+
+    vals = np.array([0.3, np.nan, 0.5, 0.0])
+    card = _card(b"\x02" * 16, vals, {"best_caption": "a dog", "shard": "00000003", "key": "7"},
+                 {"error": "sample 7 not found in 00000003.tar"}, "official", False)
+    assert "(not read from the shards)" in card and "(none)" not in card
+    card = _card(b"\x02" * 16, vals, {"text": None, "status": "ok", "error": "alt-text <not UTF-8>: replaced"},
+                 {}, "official", False)
+    assert "(none)" in card  # read, and without an alt-text: none indeed
+    assert "note: alt-text &lt;not UTF-8&gt;: replaced" in card
