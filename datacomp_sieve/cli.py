@@ -223,8 +223,11 @@ def run_report(args: argparse.Namespace) -> int:
                      progress=not args.quiet and sys.stderr.isatty())
     c = s["counts"]
     print(f"report: {s['index']} (open it in a browser; no server or network needed)")
+    dl = c.get("downloads")
+    lost = (f" {dl['failed_to_download']} failed to download, {dl['failed_to_resize']} to resize (img2dataset);"
+            if dl else "")
     print(f"  {c['kept']} kept of {c['scored']} scored by {s['filter']} ({s['selection']}); "
-          f"{sum(c['failed'].values())} failed; galleries of {s['thumbnails']} samples")
+          f"{sum(c['failed'].values())} failed to read or decode;{lost} galleries of {s['thumbnails']} samples")
     return 0
 
 

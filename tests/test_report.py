@@ -853,3 +853,18 @@ def test_a_card_says_when_the_alt_text_was_not_read_and_shows_an_ok_sample_s_not
                  {}, "official", False)
     assert "(none)" in card  # read, and without an alt-text: none indeed
     assert "note: alt-text &lt;not UTF-8&gt;: replaced" in card
+
+
+def test_the_command_s_summary_line_counts_download_failures_too(synth, tmp_path, capsys):
+    """It printed '0 failed' for a pool whose img2dataset run lost 6 of 84 URLs."""
+    root, d = synth
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000000.tar").write_text("not a tar")
+    (shards / "00000000_stats.json").write_text(json.dumps({"count": 90, "successes": 84, "failed_to_download": 4,
+                                                            "failed_to_resize": 2}))
+    assert cli.main(["report", "--scores_dir", str(root / "store"), "--shards_dir", str(shards),
+                     "--out", str(tmp_path / "r"), "--per_section", "2", "--quiet"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    failed = int((d["status"] != "ok").sum())
+    assert f"; {failed} failed to read or decode; 4 failed to download, 2 to resize (img2dataset);" in line
