@@ -528,6 +528,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
         thumbs = _thumbnails(shards_dir, shards, rows, tmp, progress)
         _failed_texts(shards, failed)
         pool_rows = folder(opts, metadata_dir, "metadata folder").num_rows() if metadata_dir else None
+        downloads = _downloads(shards)
         masking = config.get("masking", "official")
         summary = {
             "out": str(out), "index": str(out / "index.html"),
@@ -545,7 +546,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
                        "kept": kept_n, "status": dict(sorted(status.items())),
                        "failed": {k: v for k, v in sorted(status.items()) if k not in ("ok", NO_STATUS)},
                        "subset_uids": len(kept_of.pairs) if kept_of is not None else None,
-                       "downloads": _downloads(shards)},
+                       "downloads": downloads},
             "failed_examples": failed,
             "sections": {k: {"eligible": s.seen, "shown": len(s.prio),
                              **({} if k == "scatter" else {"uids": [u.hex() for u, _ in s.rows()]})}
@@ -554,7 +555,8 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
             "notes": list(notes or []) + _automatic_notes(config, clip_source, terms, models=notes is None) + (
                 [f"{absent:,} of the subset's {kept_of.unique:,} uids are not among the scored samples here (a "
                  f"subset of another pool, or shards not scored yet): kept counts only those that are."]
-                if absent else []) + ([gap[0].upper() + gap[1:] + "."] if gap else []),
+                if absent else []) + ([gap[0].upper() + gap[1:] + "."] if gap else []) + _shards_mismatch(
+                downloads, store_rows),
             "selection_notes": list(sel.notes),
             "masking": masking,
             "captioner": config.get("captioner"),
@@ -589,6 +591,15 @@ def _downloads(shards: list | None) -> dict | None:
                 reasons[str(reason)] = reasons.get(str(reason), 0) + n
     out["reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     return out
+
+
+def _shards_mismatch(downloads: dict | None, store_rows: int) -> list[str]:
+    """A store holds at most the samples its shards hold: more rows than every shard's stats count
+    as downloaded means the shards (and their counts on this page) are another pool's."""
+    if not downloads or downloads["shards_with_stats"] < downloads["shards"] or store_rows <= downloads["successes"]:
+        return []
+    return [f"The score store has {store_rows:,} rows but the shards' _stats.json count {downloads['successes']:,} "
+            "downloaded samples: are these the pool's shards?"]
 
 
 def _cut(edge: dict, has_clip: bool) -> dict:

@@ -868,3 +868,20 @@ def test_the_command_s_summary_line_counts_download_failures_too(synth, tmp_path
     line = capsys.readouterr().out.splitlines()[1]
     failed = int((d["status"] != "ok").sum())
     assert f"; {failed} failed to read or decode; 4 failed to download, 2 to resize (img2dataset);" in line
+
+
+def test_shards_whose_stats_count_fewer_downloads_than_the_store_has_rows_are_said(synth, tmp_path):
+    """The img2dataset counts of a shards folder that is not the pool's were shown as the pool's
+    (84 URLs tried beside a store of 2,000,000 rows, with no word)."""
+    root, d = synth
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000000.tar").write_text("not a tar")
+    (shards / "00000000_stats.json").write_text(json.dumps({"count": 90, "successes": 84}))
+    s = write_report(str(root / "store"), str(shards), tmp_path / "r", per_section=2, progress=False)
+    note = (f"The score store has {len(d['uid']):,} rows but the shards' _stats.json count 84 downloaded "
+            "samples: are these the pool's shards?")
+    assert note in s["notes"]
+    p = _Page()
+    p.feed((tmp_path / "r" / "index.html").read_text())
+    assert note in p.notes
