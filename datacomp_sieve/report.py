@@ -820,8 +820,9 @@ def _page(summary: dict, scores: dict, sec: dict, rows: dict, thumbs: dict, mani
     thr = summary["threshold"]
     title = "datacomp-sieve report: what Sieve keeps and drops"
     body = [f"<h1>{esc(title)}</h1>",
-            f'<div class="muted">score store {esc(summary["scores_dir"])} · shards {esc(summary["shards_dir"])}'
-            f' · metadata {esc(summary["metadata_dir"])}</div>']
+            '<div class="muted">' + " · ".join(f"{what} {esc(summary[key])}" for what, key in (
+                ("score store", "scores_dir"), ("shards", "shards_dir"), ("metadata", "metadata_dir"))
+                if summary[key]) + "</div>"]
     for n in summary["notes"]:
         body.append(f'<div class="note">{esc(n)}</div>')
 

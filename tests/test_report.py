@@ -191,6 +191,8 @@ def test_sieve_alone_when_there_is_no_clipscore(tmp_path):
     assert s["counts"]["kept"] >= int(3000 * 0.2) + 1  # n + 1 rows, plus ties
     page = (tmp_path / "r" / "index.html").read_text()
     assert "No CLIPScore" in page and "Sieve vs CLIPScore" not in page
+    # the header names the folders given, and only those
+    assert f"score store {tmp_path / 'store'}</div>" in page and "· shards" not in page and "· metadata" not in page
 
 
 def test_escaping_and_masked_phrase_highlighting():
