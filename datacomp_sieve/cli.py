@@ -83,7 +83,7 @@ DATACOMP_ONLY = ("basic", "text_based", "image_based", "image_based_intersect_cl
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from .filters import FILTERS, FilterOptions
+    from .filters import FILTERS, FilterOptions, check_options
     from .uids import SubsetWriter
 
     if args.name not in FILTERS:
@@ -121,6 +121,7 @@ def run_filter(args: argparse.Namespace) -> int:
         above = os.path.dirname(above)
     if not os.path.isdir(above):  # checked now, not after the whole selection has run
         raise UserError(f"--save_path {args.save_path} cannot be written: {above} is a file, not a folder")
+    check_options(args.name, opts)  # --fraction, --alpha, --weights: before --shards_dir scores the pool
     if args.name == "sieve_clip" and opts.clip_from == "metadata" and not opts.weights and opts.metadata_dir:
         _clip_from_store_when_metadata_lacks_it(args, opts)
     if FILTERS[args.name].needs_scores and args.shards_dir:

@@ -225,6 +225,27 @@ def test_other_names_are_one_line(tmp_path, capsys):
         assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("name,extra,message", [
+    ("sieve", ["--fraction", "1.5"], "must be in (0, 1]"),
+    ("sieve", ["--fraction", "0.2", "--threshold", "0.3"], "not both"),
+    ("sieve_clip", ["--alpha", "1.5"], "must be in [0, 1]"),
+    ("sieve_clip", ["--alpha", "0.5", "--weights", "sieve=0.5", "clip=0.5"], "not both"),
+    ("sieve_clip", ["--weights", "sieve=0.6", "clip=0.6"], "must sum to 1"),
+    ("sieve", ["--weights", "sieve=1.5", "clip=-0.5"], "must not be negative"),
+])
+def test_flag_errors_come_before_scoring_the_pool(pool, tmp_path, capsys, monkeypatch, name, extra, message):
+    """With --shards_dir the store is completed (the whole pool scored, the first time) before the
+    selection: a wrong --fraction, --alpha or --weights is refused first, not after hours of scoring."""
+    from datacomp_sieve import cli
+
+    monkeypatch.setattr(cli, "_complete_store", lambda *a, **k: pytest.fail("scored before checking the flags"))
+    (tmp_path / "shards").mkdir()
+    code, err = _err(capsys, ["--name", name, "--metadata_dir", str(pool / "metadata"), "--shards_dir",
+                              str(tmp_path / "shards"), "--scores_dir", str(tmp_path / "store"),
+                              "--save_path", str(tmp_path / "o.npy")] + extra)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
 def test_save_path_errors_come_before_the_selection(pool, tmp_path, capsys, monkeypatch):
     """A --save_path that cannot be written is refused before the selection runs, in one line."""
     from datacomp_sieve import filters
