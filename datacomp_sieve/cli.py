@@ -79,7 +79,7 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
 
 
 #: DataComp's other baseline names (its baselines.py), which this tool points to instead of running
-DATACOMP_ONLY = ("basic", "text_based", "image_based", "image_based_intersect_clip_score", "laion2b")
+DATACOMP_ONLY = ("basic_filter", "text_based", "image_based", "image_based_intersect_clip_score", "laion2b")
 
 
 def run_filter(args: argparse.Namespace) -> int:

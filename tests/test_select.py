@@ -219,7 +219,8 @@ def test_folder_errors_are_one_line(tmp_path, capsys):
 
 
 def test_other_names_are_one_line(tmp_path, capsys):
-    for name, message in [("basic", "use DataComp's baselines.py for it"), ("laion2b", "use DataComp's baselines.py"),
+    for name, message in [("basic_filter", "use DataComp's baselines.py for it"),
+                          ("laion2b", "use DataComp's baselines.py"), ("text_based", "use DataComp's baselines.py"),
                           ("siev", "unknown --name 'siev'; one of no_filter, clip_score, sieve, sieve_clip")]:
         code, err = _err(capsys, ["--name", name, "--save_path", str(tmp_path / "o.npy")])
         assert code == 2 and len(err) == 1 and message in err[0], err
