@@ -69,7 +69,8 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for reading parquet (default: all cores)")
     p.add_argument("--num_gpus", type=int, default=None, help="GPUs for scoring (accepted for DataComp compatibility)")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="images per captioning call when scoring through --shards_dir (default 16)")
+                   help="images per captioning call when scoring through --shards_dir (default 16 on the "
+                        "CPU, as the reference; 256 on GPUs)")
     p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
                    help="DataComp's image_based baselines are not part of this tool; use DataComp's baselines.py")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

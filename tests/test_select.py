@@ -287,6 +287,16 @@ def test_help_explains_every_name_and_flag(capsys):
         assert word in out
 
 
+def test_help_gives_the_scoring_batch_size_default_that_scoring_uses(capsys):
+    """filter's --batch_size (scoring through --shards_dir) defaults as score's does: 16 on the CPU, 256 on GPUs."""
+    from datacomp_sieve.score import GPU_BATCH_SIZE
+
+    with pytest.raises(SystemExit):
+        baselines_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default 16 on the CPU, as the reference; {GPU_BATCH_SIZE} on GPUs)" in out
+
+
 def test_root_baselines_py_runs_as_a_script(pool, tmp_path):
     import subprocess
 
