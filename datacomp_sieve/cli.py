@@ -219,6 +219,8 @@ def run_report(args: argparse.Namespace) -> int:
 
     if args.subset and not os.path.isfile(args.subset):
         raise UserError(f"--subset {args.subset} is not a file; give the .npy written by filter/baselines.py")
+    if args.tmp_dir and not os.path.isdir(args.tmp_dir):  # as filter: not a traceback from the join
+        raise UserError(f"--tmp_dir {args.tmp_dir} is not a folder")
     s = write_report(args.scores_dir, args.shards_dir, args.out, metadata_dir=args.metadata_dir,
                      subset=args.subset, fraction=args.fraction, alpha=args.alpha, arch=args.arch,
                      per_section=args.per_section, seed=args.seed, tmp_dir=args.tmp_dir,

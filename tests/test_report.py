@@ -217,6 +217,11 @@ def test_one_line_errors(synth, tmp_path, capsys):
         (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards")], "no {:08d}.tar shards"),
         (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--subset", str(tmp_path / "x.npy")],
          "is not a file"),
+        # the scratch folder of the join: a file, or a folder that does not exist
+        (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--tmp_dir",
+          str(tmp_path / "other" / "notes.txt")], "--tmp_dir"),
+        (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--tmp_dir", str(tmp_path / "nope")],
+         "is not a folder"),
     ]
     for args, msg in cases:
         assert cli.main(["report", *args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
