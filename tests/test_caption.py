@@ -643,11 +643,32 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
 
 def test_downloads_are_refused_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="offline"):
+    with pytest.raises(UserError, match="offline") as e:
         bc.resolve_source("blip-base-14m", cache_dir=tmp_path)
+    assert str(tmp_path / "downloads" / "model_base_14M.pth") in str(e.value) and "--captioner PATH" in str(e.value)
     with pytest.raises(UserError, match="not found"):
         bc.resolve_source(tmp_path / "nope.pth", cache_dir=tmp_path)
     assert bc.BLIP_CHECKPOINTS["blip-base-14m"].url.endswith("/BLIP/models/model_base_14M.pth")
+
+
+def test_a_failed_download_says_where_the_file_goes_and_what_else_to_do(tmp_path, monkeypatch):
+    """No network (the DNS error a user sees): one line with the URL, why, where to put the file by
+    hand, the --captioner PATH alternative and the offline stand-in."""
+    import torch.hub
+
+    def fail(url, dst, progress=True):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DATACOMP_SIEVE_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    with pytest.raises(UserError) as e:
+        bc.resolve_source("blip-base-14m", cache_dir=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and bc.BLIP_CHECKPOINTS["blip-base-14m"].url in msg and "Name or service not known" in msg
+    assert f"put it at {tmp_path / 'downloads' / 'model_base_14M.pth'}" in msg
+    assert "--captioner PATH" in msg and "--captioner label" in msg
+    assert not list((tmp_path / "downloads").iterdir())  # no partial file left
 
 
 # --------------------------------------------------------------------------------------------
