@@ -738,6 +738,33 @@ def test_git_folder_is_a_captioner(tmp_path, photos):
     assert cap.identity()["generation"]["top_p"] == 0.9
 
 
+def test_a_hub_captioner_without_a_reachable_hub_looks_in_the_cache_only(monkeypatch):
+    """No hub to reach (and HF_HUB_OFFLINE unset): the cache only, at once (huggingface_hub would retry
+    for over half a minute), and the error says what to pass instead."""
+    import transformers
+
+    from datacomp_sieve import models
+    from datacomp_sieve.caption import build_captioner
+    from datacomp_sieve.errors import UserError
+
+    seen = {}
+
+    def from_pretrained(source, **kw):
+        seen.update(kw)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", staticmethod(from_pretrained))
+    with pytest.raises(UserError) as e:
+        build_captioner("nobody/not-a-model-xyz")
+    assert seen["local_files_only"] is True
+    msg = str(e.value)
+    assert msg.startswith("cannot load the captioner 'nobody/not-a-model-xyz'") and "\n" not in msg
+    assert "--captioner PATH" in msg and "--captioner label" in msg
+
+
 def test_unknown_captioner_is_a_user_error(monkeypatch):
     from datacomp_sieve.caption import build_captioner
     from datacomp_sieve.errors import UserError
