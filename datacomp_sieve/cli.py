@@ -128,8 +128,10 @@ def run_filter(args: argparse.Namespace) -> int:
     if FILTERS[args.name].needs_scores and args.shards_dir:
         _complete_store(args, opts)
     if FILTERS[args.name].needs_scores and opts.scores_dir:
+        from .filters import folder
         from .store import ScoreStore
 
+        folder(opts, opts.scores_dir, "score store")  # one line for a store that is missing or out of reach
         gap = ScoreStore(opts.scores_dir).gaps()
         if gap:
             log.warning("%s; selecting from the rest (with --shards_dir the missing ones are scored first)", gap)

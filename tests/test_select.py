@@ -448,3 +448,46 @@ def test_has_values_reads_the_column_s_own_statistics_after_a_nested_column(tmp_
                              L14: pa.array([None] * 4, pa.float32())}), tmp_path / "f" / "a.parquet")
     folder = ParquetFolder.open(str(tmp_path / "f"))
     assert not folder.has_values(L14) and folder.has_values("pairs") and folder.has_values("uid")
+
+
+class _NoCredentialsError(Exception):
+    pass
+
+
+class _Unreachable:
+    """A filesystem whose server cannot be reached, as s3fs without credentials."""
+
+    def invalidate_cache(self, path=None):
+        pass
+
+    def exists(self, path):
+        raise _NoCredentialsError("Unable to locate credentials")
+
+    isdir = exists
+
+
+@pytest.mark.parametrize("command", [
+    ["filter", "--name", "sieve", "--scores_dir", "s3://b/store"],
+    ["filter", "--name", "clip_score", "--fraction", "0.3", "--metadata_dir", "s3://b/metadata"],
+    ["score", "--shards_dir", "s3://b/shards", "--scores_dir", "s3://b/store", "--captioner", "label"],
+    ["score", "--shards_dir", "LOCAL", "--scores_dir", "s3://b/store", "--captioner", "label"],
+    ["pool-info", "--shards_dir", "LOCAL", "--scores_dir", "s3://b/store"],
+])
+def test_an_object_store_out_of_reach_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """No credentials (or a wrong endpoint): one line naming the folder, the client's reason and where
+    credentials come from, not the client library's traceback."""
+    import fsspec
+
+    real = fsspec.core.url_to_fs
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **kw: (_Unreachable(), url.split("://", 1)[1])
+                        if str(url).startswith("s3://") else real(url, **kw))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000000.tar").write_bytes(b"")
+    command = [str(tmp_path / "shards") if a == "LOCAL" else a for a in command]
+    if command[0] == "filter":
+        command += ["--save_path", str(tmp_path / "o.npy"), "--quiet"]
+    capsys.readouterr()
+    code = main(command)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("datacomp_sieve")]
+    assert code == 2 and len(err) == 1, err
+    assert "cannot reach" in err[0] and "Unable to locate credentials" in err[0] and "AWS_ACCESS_KEY_ID" in err[0]
