@@ -356,6 +356,10 @@ def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
         (repro + ["--samples_per_gpu_second", "-5"], "--samples_per_gpu_second must be a positive number"),
         (["compare", str(tmp_path / "rp1")], "give OUT/EXPERIMENT (e.g. reproduce/table1-medium)"),
         (["compare", str(tmp_path / "nonexist")], "does not exist"),
+        (["reshard", "--shards_dir", str(folder), "--subset", str(tmp_path / "none.npy"), "--output_dir",
+          str(tmp_path / "o")], "none.npy does not exist"),
+        (["reshard", "--shards_dir", str(folder), "--subset", str(folder), "--output_dir", str(tmp_path / "o")],
+         f"--subset {folder} is a folder; give the subset .npy file"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

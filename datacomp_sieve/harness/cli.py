@@ -52,7 +52,8 @@ def run_reshard(args) -> int:
 
     clone, python = _clone(args)
     if not os.path.isfile(args.subset):
-        raise UserError(f"--subset {args.subset} does not exist")
+        raise UserError(f"--subset {args.subset} " + ("is a folder; give the subset .npy file (e.g. from `filter`)"
+                                                      if os.path.isdir(args.subset) else "does not exist"))
     if clone:
         datacomp.reshard(clone, python, args.shards_dir, args.subset, args.output_dir, args.num_workers, args.overwrite)
         meta = json.loads((Path(args.output_dir) / "meta.json").read_text())
