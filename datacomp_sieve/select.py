@@ -402,6 +402,7 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
         fusion.observe(scores, ok)
         bar.update(n)
     bar.close()
+    step += 1
     if scored == 0:
         names = ", ".join(f"{t.name} ({t.column})" for t in terms)
         raise UserError(f"no row has a score for {names}: every value is missing or NaN; check the score columns")

@@ -91,6 +91,25 @@ def test_ties_at_the_threshold_are_all_kept(tmp_path):
     assert len(np.load(out)) == 10  # n = 8 -> threshold 0.0 (or -0.0): both zeros are kept
 
 
+@pytest.mark.parametrize("extra,passes", [
+    (["--fraction", "0.25"], ["1/4: statistics", "2/4: threshold", "3/4: threshold", "4/4: collect uids"]),
+    (["--threshold", "0.3"], ["1/2: statistics", "2/2: collect uids"]),
+])
+def test_the_progress_bars_number_the_passes_in_order(tmp_path, monkeypatch, extra, passes):
+    """Each pass over the scores is named 'pass k/n' in the order it runs (they were numbered from 1
+    twice: statistics and the first threshold pass, then 'pass 3/4: collect uids' as the last one)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    pq.write_table(pa.table({"uid": ["%032x" % i for i in range(10)], L14: np.linspace(0, 1, 10, dtype=np.float32)}),
+                   folder / "a.parquet")
+    shown = []
+    real = select_mod._progress
+    monkeypatch.setattr(select_mod, "_progress", lambda total, desc, enabled: shown.append(desc) or real(total, desc, False))
+    assert run(["--name", "clip_score", "--metadata_dir", str(folder), "--save_path", str(tmp_path / "o.npy")]
+               + extra) == 0
+    assert shown == [f"pass {p}" for p in passes]
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5, 1.0])
 def test_sieve_byte_identical_to_reference_fusion(pool, tmp_path, fraction):
     out = tmp_path / "ours.npy"
