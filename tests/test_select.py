@@ -104,10 +104,27 @@ def test_the_progress_bars_number_the_passes_in_order(tmp_path, monkeypatch, ext
                    folder / "a.parquet")
     shown = []
     real = select_mod._progress
-    monkeypatch.setattr(select_mod, "_progress", lambda total, desc, enabled: shown.append(desc) or real(total, desc, False))
+    monkeypatch.setattr(select_mod, "_progress",
+                        lambda total, desc, enabled, **kw: shown.append(desc) or real(total, desc, False, **kw))
     assert run(["--name", "clip_score", "--metadata_dir", str(folder), "--save_path", str(tmp_path / "o.npy")]
                + extra) == 0
     assert shown == [f"pass {p}" for p in passes]
+
+
+def test_the_join_bar_counts_partitions_not_rows(pool, tmp_path, monkeypatch):
+    """The uid join's last bar goes over partitions ('0.00/1.00 rows' said it counted rows)."""
+    units = {}
+    real = select_mod._progress
+
+    def record(total, desc, enabled, unit="rows"):
+        units[desc.split(":")[0]] = unit
+        return real(total, desc, False, unit=unit)
+
+    monkeypatch.setattr(select_mod, "_progress", record)
+    assert run(["--name", "sieve_clip", "--metadata_dir", str(pool / "metadata"), "--scores_dir", str(pool / "store"),
+                "--save_path", str(tmp_path / "o.npy")]) == 0
+    assert units["join partitions"] == "partitions" and units["partition score store"] == "rows"
+    assert units["pass 4/4"] == "rows"
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5, 1.0])
