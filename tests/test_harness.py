@@ -368,6 +368,30 @@ def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
 
 
+def test_evaluate_leaves_no_root_handler_behind(tmp_path, monkeypatch):
+    """open_clip logs with the root logging.info, which on a root logger without handlers installs one
+    (basicConfig); left there, reproduce's next training printed every open_clip line twice
+    ('INFO:root:...' and open_clip's own format)."""
+    import logging
+
+    from datacomp_sieve.harness import evaluate as ev
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "c.pt").write_bytes(b"x")
+    (run / "info.json").write_text(json.dumps({"scale": "toy", "checkpoint": str(run / "c.pt")}))
+    (tmp_path / "sets").mkdir()
+    added = logging.StreamHandler()
+
+    def load_model(info, device):
+        logging.getLogger().addHandler(added)  # what basicConfig does
+        return None, None, None
+
+    monkeypatch.setattr(ev, "load_model", load_model)
+    ev.evaluate(str(run), str(tmp_path / "sets"), "toy", progress=False)
+    assert added not in logging.getLogger().handlers
+
+
 def test_native_dry_run_needs_no_evaluation_sets(tmp_path, capsys):
     assert main(["reproduce", "table1-medium", "--rows", "sieve-20", "--pool", str(tmp_path / "pool"),
                  "--out", str(tmp_path / "r"), "--dry-run"]) == 0
