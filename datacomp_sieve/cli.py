@@ -234,6 +234,10 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: pool-info: above this share of metadata rows without a sample, failed downloads do not explain it
+USUAL_MISSING_PCT = 20.0
+
+
 def run_pool_info(args: argparse.Namespace) -> int:
     from .shards import coverage, list_shards
 
@@ -246,7 +250,10 @@ def run_pool_info(args: argparse.Namespace) -> int:
         pct = 100.0 * c["metadata_without_sample"] / c["metadata_rows"] if c["metadata_rows"] else 0.0
         print(f"metadata rows:            {c['metadata_rows']}")
         print(f"downloaded samples:       {c['downloaded']}")
-        print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; failed downloads, normal)")
+        # DataComp's downloads keep 85-94% of the URLs: far more missing is shards left out, not failures
+        why = ("failed downloads, normal" if pct <= USUAL_MISSING_PCT else
+               f"more than failed downloads leave, usually 6-15%: are all the pool's shards in {args.shards_dir}?")
+        print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; {why})")
         print(f"samples without metadata: {c['samples_without_metadata']}"
               + ("" if not c["samples_without_metadata"] else "  <- not from this metadata: check the folders"))
         if c["truncated_shards"]:
