@@ -476,7 +476,7 @@ def download_checkpoint(url: str, cache_dir: str | os.PathLike | None = None, pr
     if _offline():
         raise UserError(
             f"{dest.name} is not in the cache ({dest.parent}) and offline mode is on "
-            f"(HF_HUB_OFFLINE / DATACOMP_SIEVE_OFFLINE); download {url} and pass its local path"
+            f"(HF_HUB_OFFLINE / DATACOMP_SIEVE_OFFLINE); {_what_to_do(url, dest)}"
         )
     import torch.hub
 
@@ -488,8 +488,14 @@ def download_checkpoint(url: str, cache_dir: str | os.PathLike | None = None, pr
         os.replace(tmp, dest)
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download {url}: {e}") from None
+        raise UserError(f"could not download {url} ({' '.join(str(e).split())}); {_what_to_do(url, dest)}") from None
     return dest
+
+
+def _what_to_do(url: str, dest: Path) -> str:
+    """What a user without the weights can do, said where the download fails."""
+    return (f"download it where there is network and put it at {dest} (or pass --captioner PATH to the file); "
+            f"--captioner label is an offline stand-in for trials, not BLIP")
 
 
 def resolve_source(source: str | os.PathLike, cache_dir=None, progress: bool = True) -> tuple[Path, str]:

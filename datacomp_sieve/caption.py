@@ -717,8 +717,12 @@ def _build_hf(source: str) -> Callable[..., Captioner]:
 
         from transformers import AutoConfig, AutoTokenizer
 
-        # offline: look in the cache only, at once (no retries against an unreachable hub)
-        kw = {"cache_dir": cache_dir, "local_files_only": os.environ.get("HF_HUB_OFFLINE") == "1"}
+        from .models import hub_reachable
+
+        # offline, or no hub to reach (a TCP probe): look in the cache only, at once (huggingface_hub
+        # otherwise retries an unreachable hub for over half a minute before failing)
+        local_only = os.environ.get("HF_HUB_OFFLINE") == "1" or (not os.path.isdir(source) and not hub_reachable())
+        kw = {"cache_dir": cache_dir, "local_files_only": local_only}
         try:
             kind = AutoConfig.from_pretrained(source, **kw).model_type
             if kind == "git":
@@ -734,7 +738,10 @@ def _build_hf(source: str) -> Callable[..., Captioner]:
                 raise UserError(f"{source!r} is a {kind!r} model; captioners are BLIP or GIT")
             tok = AutoTokenizer.from_pretrained(source, **kw)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the captioner {source!r}: {first_line(e)}") from None
+            raise UserError(f"cannot load the captioner {source!r}: {first_line(e).rstrip('.')}"
+                            + ("" if os.path.isdir(source) else
+                               "; give a local transformers folder (--captioner PATH) or a hub id in the local "
+                               "cache; --captioner label is an offline stand-in for trials, not BLIP")) from None
         info = {"source": source, "revision": getattr(model.config, "_commit_hash", None)}
         if kind == "git":
             size = _side(images.crop_size, "height") or 224

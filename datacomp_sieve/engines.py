@@ -115,7 +115,7 @@ class InProcessEngine:
 
     def run(self, shards, store, bar) -> dict:
         failed = {}
-        for shard in shards:
+        for i, shard in enumerate(shards, 1):
             try:
                 result = self.scorer.score(shard, progress=bar)
                 store.write_shard(shard.stem, result.table, result.stats)
@@ -123,6 +123,8 @@ class InProcessEngine:
                 log.error("shard %s failed: %s", shard.stem, error_line(e))
                 log.debug("%s", traceback.format_exc())
                 failed[shard.stem] = error_line(e)
+            if bar is not None:  # shards done beside the images, as the other engines' bars show
+                bar.set_postfix_str(f"shards {i - len(failed)}/{len(shards)}", refresh=True)
         self._info = {"workers": 1}
         return failed
 

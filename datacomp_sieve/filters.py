@@ -113,7 +113,7 @@ def _check_fraction(opts: FilterOptions, default: float | None) -> FilterOptions
 
 
 def run_clip_score(opts: FilterOptions) -> Selection:
-    _check_fraction(opts, None)
+    check_options("clip_score", opts)
     term = _clip_term(FilterOptions(**{**opts.__dict__, "clip_from": "metadata"}), 1.0)
     # DataComp's convention: rows without a score count in N and sort last; no normalisation.
     return select([term], fraction=opts.fraction, threshold=opts.threshold, normalize=False,
@@ -121,8 +121,7 @@ def run_clip_score(opts: FilterOptions) -> Selection:
 
 
 def run_no_filter(opts: FilterOptions) -> Selection:
-    if opts.fraction is not None or opts.threshold is not None:
-        raise UserError("no_filter keeps every sample: drop --fraction/--threshold")
+    check_options("no_filter", opts)
     meta = _metadata(opts)
     meta.require(["uid"])
     from .uids import keys_from_arrow
@@ -134,32 +133,49 @@ def run_no_filter(opts: FilterOptions) -> Selection:
     return Selection(threshold=float("nan"), rows=n, scored=n, kept=n)
 
 
-def _fuse(opts: FilterOptions, terms: list[Term]) -> Selection:
-    total = sum(t.weight for t in terms)
+def _check_weights(weights: dict) -> None:
+    total = sum(weights.values())
     if not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-9):
-        raise UserError(f"fusion weights must sum to 1, got {total:g} ({', '.join(f'{t.name}={t.weight:g}' for t in terms)})")
-    if any(t.weight < 0 for t in terms):
+        raise UserError(f"fusion weights must sum to 1, got {total:g} ({', '.join(f'{k}={w:g}' for k, w in weights.items())})")
+    if any(w < 0 for w in weights.values()):
         raise UserError("fusion weights must not be negative")
+
+
+def check_options(name: str, opts: FilterOptions) -> None:
+    """The checks of the flags that need no data, made before any work: ``filter --shards_dir``
+    scores the whole pool before selecting, so a wrong --fraction must not wait for that."""
+    if name == "no_filter":
+        if opts.fraction is not None or opts.threshold is not None:
+            raise UserError("no_filter keeps every sample: drop --fraction/--threshold")
+        return
+    _check_fraction(opts, FILTERS[name].default_fraction)
+    if name == "sieve_clip":
+        if opts.weights and opts.alpha is not None:
+            raise UserError("give either --alpha or --weights, not both")
+        if opts.alpha is not None and not (0.0 <= opts.alpha <= 1.0):
+            raise UserError(f"--alpha (the weight of CLIPScore) must be in [0, 1], got {opts.alpha}")
+    if opts.weights:
+        _check_weights(opts.weights)
+
+
+def _fuse(opts: FilterOptions, terms: list[Term]) -> Selection:
+    _check_weights({t.name: t.weight for t in terms})
     return select(terms, fraction=opts.fraction, threshold=opts.threshold, normalize=True,
                   count_missing=False, tmp_dir=opts.tmp_dir, progress=opts.progress, sink=opts.sink)
 
 
 def run_sieve(opts: FilterOptions) -> Selection:
-    _check_fraction(opts, 0.2)
+    check_options("sieve", opts)
     if opts.weights:
         return _fuse(opts, [_named_term(opts, k, w) for k, w in opts.weights.items()])
     return _fuse(opts, [_sieve_term(opts, 1.0)])
 
 
 def run_sieve_clip(opts: FilterOptions) -> Selection:
-    _check_fraction(opts, 0.2)
+    check_options("sieve_clip", opts)
     if opts.weights:
-        if opts.alpha is not None:
-            raise UserError("give either --alpha or --weights, not both")
         return _fuse(opts, [_named_term(opts, k, w) for k, w in opts.weights.items()])
     alpha = 0.5 if opts.alpha is None else opts.alpha
-    if not (0.0 <= alpha <= 1.0):
-        raise UserError(f"--alpha (the weight of CLIPScore) must be in [0, 1], got {alpha}")
     return _fuse(opts, [_sieve_term(opts, 1.0 - alpha), _clip_term(opts, alpha)])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .errors import UserError
+from .errors import UserError, error_line
 
 # DataComp's metadata columns (SPEC.md section 2).
 CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
@@ -43,6 +43,18 @@ def parquet_file(fs, path: str):
     return pq.ParquetFile(path if "file" in protocols(fs) else fs.open(path, "rb"))
 
 
+def exists(fs, path: str, what: str, url: str) -> bool:
+    """``fs.exists(path)``, with a filesystem that cannot be reached (no credentials, a wrong endpoint,
+    access denied) said in one line rather than as the client library's traceback."""
+    try:
+        return fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - botocore, gcsfs, network errors: each its own kind
+        hint = ("; credentials and the endpoint come from the usual AWS environment (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, an instance role; AWS_ENDPOINT_URL for a store other "
+                "than AWS)" if str(url).startswith(("s3://", "s3a://")) else "")
+        raise UserError(f"cannot reach {what} {url}: {error_line(e)}{hint}") from None
+
+
 def open_folder(url: str, what: str, not_a_folder: str = ""):
     """``(fs, root)`` of an existing folder (local path or fsspec URL), listed afresh; one-line errors
     otherwise."""
@@ -57,7 +69,7 @@ def open_folder(url: str, what: str, not_a_folder: str = ""):
     # object-store filesystems (s3fs, gcsfs) keep the listings they made: what was written since
     # (by another process or machine: a store's workers, a download) must not be missed
     fs.invalidate_cache(root)
-    if not fs.exists(root):
+    if not exists(fs, root, what, url):
         raise UserError(f"{what} {url} does not exist; check the path")
     if not fs.isdir(root):
         raise UserError(f"{what} {url} is not a folder{'; ' + not_a_folder if not_a_folder else ''}")

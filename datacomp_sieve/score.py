@@ -1100,10 +1100,11 @@ def store_progress(scores_dir: str, shards: list) -> dict:
     failures (``failed``: stem -> error, from the manifest), the rows and statuses of the scored
     files, and, when the last run was a ``--part K/N``, the ``parts`` of N that still have shards
     to score."""
+    from .metadata import exists
     from .store import CONFIG, ScoreStore
 
     store = ScoreStore(scores_dir)
-    if store.config() is None:
+    if not exists(store.fs, store.root, "--scores_dir", scores_dir) or store.config() is None:
         what = "does not exist" if not store.fs.exists(store.root) else f"is not a score store (no {CONFIG})"
         raise UserError(f"--scores_dir {scores_dir} {what}")
     stems = [s.stem for s in shards]

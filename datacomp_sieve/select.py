@@ -59,10 +59,10 @@ class Selection:
     notes: list = field(default_factory=list)
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str = "rows"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, leave=False)
 
 
 def _as_float(column, name: str) -> np.ndarray:
@@ -194,7 +194,7 @@ class JoinedTable:
         joined = 0
         dups = [0] * len(sources)
         only = [0] * len(sources)
-        bar = _progress(self.parts, "join partitions", progress)
+        bar = _progress(self.parts, "join partitions", progress, unit="partitions")
         self.score_dtypes = [None] * len(terms)
         for si, (_, _, idx, _) in enumerate(sources):
             for j, ti in enumerate(idx):
@@ -402,6 +402,7 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
         fusion.observe(scores, ok)
         bar.update(n)
     bar.close()
+    step += 1
     if scored == 0:
         names = ", ".join(f"{t.name} ({t.column})" for t in terms)
         raise UserError(f"no row has a score for {names}: every value is missing or NaN; check the score columns")

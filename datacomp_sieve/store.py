@@ -88,8 +88,10 @@ class ScoreStore:
         a score store (it could be the pool's metadata or shards: never write into or delete from
         it); a store made with settings other than ``config``'s (the keys ``config`` has), unless
         overwriting. Returns the store's configuration (None: no store yet)."""
+        from .metadata import exists
+
         self.fs.invalidate_cache(self.root)  # see completed()
-        if not self.fs.exists(self.root):
+        if not exists(self.fs, self.root, "--scores_dir", self.url):
             return None
         if not self.fs.isdir(self.root):
             raise UserError(f"--scores_dir {self.url} is a file, not a folder")

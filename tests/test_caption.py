@@ -643,11 +643,32 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
 
 def test_downloads_are_refused_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="offline"):
+    with pytest.raises(UserError, match="offline") as e:
         bc.resolve_source("blip-base-14m", cache_dir=tmp_path)
+    assert str(tmp_path / "downloads" / "model_base_14M.pth") in str(e.value) and "--captioner PATH" in str(e.value)
     with pytest.raises(UserError, match="not found"):
         bc.resolve_source(tmp_path / "nope.pth", cache_dir=tmp_path)
     assert bc.BLIP_CHECKPOINTS["blip-base-14m"].url.endswith("/BLIP/models/model_base_14M.pth")
+
+
+def test_a_failed_download_says_where_the_file_goes_and_what_else_to_do(tmp_path, monkeypatch):
+    """No network (the DNS error a user sees): one line with the URL, why, where to put the file by
+    hand, the --captioner PATH alternative and the offline stand-in."""
+    import torch.hub
+
+    def fail(url, dst, progress=True):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DATACOMP_SIEVE_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    with pytest.raises(UserError) as e:
+        bc.resolve_source("blip-base-14m", cache_dir=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and bc.BLIP_CHECKPOINTS["blip-base-14m"].url in msg and "Name or service not known" in msg
+    assert f"put it at {tmp_path / 'downloads' / 'model_base_14M.pth'}" in msg
+    assert "--captioner PATH" in msg and "--captioner label" in msg
+    assert not list((tmp_path / "downloads").iterdir())  # no partial file left
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,6 +736,33 @@ def test_git_folder_is_a_captioner(tmp_path, photos):
     assert [len(c) for c in out] == [3, 3] and all(isinstance(t, str) for c in out for t in c)
     assert cap.caption(ims, 3, seed=5) == out and cap.caption(ims, 3, seed=6) != out
     assert cap.identity()["generation"]["top_p"] == 0.9
+
+
+def test_a_hub_captioner_without_a_reachable_hub_looks_in_the_cache_only(monkeypatch):
+    """No hub to reach (and HF_HUB_OFFLINE unset): the cache only, at once (huggingface_hub would retry
+    for over half a minute), and the error says what to pass instead."""
+    import transformers
+
+    from datacomp_sieve import models
+    from datacomp_sieve.caption import build_captioner
+    from datacomp_sieve.errors import UserError
+
+    seen = {}
+
+    def from_pretrained(source, **kw):
+        seen.update(kw)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", staticmethod(from_pretrained))
+    with pytest.raises(UserError) as e:
+        build_captioner("nobody/not-a-model-xyz")
+    assert seen["local_files_only"] is True
+    msg = str(e.value)
+    assert msg.startswith("cannot load the captioner 'nobody/not-a-model-xyz'") and "\n" not in msg
+    assert "--captioner PATH" in msg and "--captioner label" in msg
 
 
 def test_unknown_captioner_is_a_user_error(monkeypatch):

@@ -181,6 +181,37 @@ def test_in_process_failure_is_reported_and_the_cli_exits_non_zero(toy_pool, ref
     assert_same_store(reference, out)
 
 
+def test_the_in_process_bar_shows_shards_done_beside_images():
+    """The README: the driver shows shards and samples done, rate and ETA; the in-process engine (the
+    default with 0-1 GPU) said images only."""
+    from types import SimpleNamespace
+
+    from datacomp_sieve.engines import InProcessEngine
+
+    class Scorer:
+        def score(self, shard, progress=None):
+            if shard.stem == "00000001":
+                raise RuntimeError("boom")
+            progress.update(10)
+            return SimpleNamespace(table=None, stats={})
+
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, []
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix.append(s)
+
+    bar, written = Bar(), []
+    store = SimpleNamespace(write_shard=lambda stem, table, stats: written.append(stem))
+    failed = InProcessEngine(scorer=Scorer()).run([SimpleNamespace(stem=s) for s in STEMS], store, bar)
+    assert list(failed) == ["00000001"] and written == ["00000000", "00000002"] and bar.n == 20
+    assert bar.postfix == ["shards 1/3", "shards 1/3", "shards 2/3"]
+
+
 # -- Ray ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):

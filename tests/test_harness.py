@@ -356,12 +356,40 @@ def test_harness_mistakes_are_one_line_errors(tmp_path, capsys):
         (repro + ["--samples_per_gpu_second", "-5"], "--samples_per_gpu_second must be a positive number"),
         (["compare", str(tmp_path / "rp1")], "give OUT/EXPERIMENT (e.g. reproduce/table1-medium)"),
         (["compare", str(tmp_path / "nonexist")], "does not exist"),
+        (["reshard", "--shards_dir", str(folder), "--subset", str(tmp_path / "none.npy"), "--output_dir",
+          str(tmp_path / "o")], "none.npy does not exist"),
+        (["reshard", "--shards_dir", str(folder), "--subset", str(folder), "--output_dir", str(tmp_path / "o")],
+         f"--subset {folder} is a folder; give the subset .npy file"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+def test_evaluate_leaves_no_root_handler_behind(tmp_path, monkeypatch):
+    """open_clip logs with the root logging.info, which on a root logger without handlers installs one
+    (basicConfig); left there, reproduce's next training printed every open_clip line twice
+    ('INFO:root:...' and open_clip's own format)."""
+    import logging
+
+    from datacomp_sieve.harness import evaluate as ev
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "c.pt").write_bytes(b"x")
+    (run / "info.json").write_text(json.dumps({"scale": "toy", "checkpoint": str(run / "c.pt")}))
+    (tmp_path / "sets").mkdir()
+    added = logging.StreamHandler()
+
+    def load_model(info, device):
+        logging.getLogger().addHandler(added)  # what basicConfig does
+        return None, None, None
+
+    monkeypatch.setattr(ev, "load_model", load_model)
+    ev.evaluate(str(run), str(tmp_path / "sets"), "toy", progress=False)
+    assert added not in logging.getLogger().handlers
 
 
 def test_native_dry_run_needs_no_evaluation_sets(tmp_path, capsys):

@@ -219,6 +219,11 @@ def test_one_line_errors(synth, tmp_path, capsys):
         (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards")], "no {:08d}.tar shards"),
         (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--subset", str(tmp_path / "x.npy")],
          "is not a file"),
+        # the scratch folder of the join: a file, or a folder that does not exist
+        (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--tmp_dir",
+          str(tmp_path / "other" / "notes.txt")], "--tmp_dir"),
+        (["--scores_dir", store, "--shards_dir", str(tmp_path / "shards"), "--tmp_dir", str(tmp_path / "nope")],
+         "is not a folder"),
     ]
     for args, msg in cases:
         assert cli.main(["report", *args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
@@ -625,6 +630,15 @@ def test_demo_refuses_bad_input_before_any_work(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "new"), "--captioner", "nonexist", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown captioner 'nonexist'" in err[0] and not (tmp_path / "new").exists()
+
+
+def test_demo_subset_is_named_after_the_percentage_kept():
+    """--fraction 0.29 keeps 29%: the file is sieve_29.npy (int(0.29 * 100) named it sieve_28.npy)."""
+    from datacomp_sieve import demo
+
+    names = {f: demo.subset_name("sieve", f) for f in (0.2, 0.29, 0.07, 0.57, 1.0, 0.005)}
+    assert names == {0.2: "sieve_20.npy", 0.29: "sieve_29.npy", 0.07: "sieve_7.npy", 0.57: "sieve_57.npy",
+                     1.0: "sieve_100.npy", 0.005: "sieve_0.5.npy"}
 
 
 def test_demo_writes_the_report_and_says_what_it_used(tmp_path, monkeypatch, capsys):

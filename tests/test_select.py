@@ -91,6 +91,42 @@ def test_ties_at_the_threshold_are_all_kept(tmp_path):
     assert len(np.load(out)) == 10  # n = 8 -> threshold 0.0 (or -0.0): both zeros are kept
 
 
+@pytest.mark.parametrize("extra,passes", [
+    (["--fraction", "0.25"], ["1/4: statistics", "2/4: threshold", "3/4: threshold", "4/4: collect uids"]),
+    (["--threshold", "0.3"], ["1/2: statistics", "2/2: collect uids"]),
+])
+def test_the_progress_bars_number_the_passes_in_order(tmp_path, monkeypatch, extra, passes):
+    """Each pass over the scores is named 'pass k/n' in the order it runs (they were numbered from 1
+    twice: statistics and the first threshold pass, then 'pass 3/4: collect uids' as the last one)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    pq.write_table(pa.table({"uid": ["%032x" % i for i in range(10)], L14: np.linspace(0, 1, 10, dtype=np.float32)}),
+                   folder / "a.parquet")
+    shown = []
+    real = select_mod._progress
+    monkeypatch.setattr(select_mod, "_progress",
+                        lambda total, desc, enabled, **kw: shown.append(desc) or real(total, desc, False, **kw))
+    assert run(["--name", "clip_score", "--metadata_dir", str(folder), "--save_path", str(tmp_path / "o.npy")]
+               + extra) == 0
+    assert shown == [f"pass {p}" for p in passes]
+
+
+def test_the_join_bar_counts_partitions_not_rows(pool, tmp_path, monkeypatch):
+    """The uid join's last bar goes over partitions ('0.00/1.00 rows' said it counted rows)."""
+    units = {}
+    real = select_mod._progress
+
+    def record(total, desc, enabled, unit="rows"):
+        units[desc.split(":")[0]] = unit
+        return real(total, desc, False, unit=unit)
+
+    monkeypatch.setattr(select_mod, "_progress", record)
+    assert run(["--name", "sieve_clip", "--metadata_dir", str(pool / "metadata"), "--scores_dir", str(pool / "store"),
+                "--save_path", str(tmp_path / "o.npy")]) == 0
+    assert units["join partitions"] == "partitions" and units["partition score store"] == "rows"
+    assert units["pass 4/4"] == "rows"
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5, 1.0])
 def test_sieve_byte_identical_to_reference_fusion(pool, tmp_path, fraction):
     out = tmp_path / "ours.npy"
@@ -219,10 +255,32 @@ def test_folder_errors_are_one_line(tmp_path, capsys):
 
 
 def test_other_names_are_one_line(tmp_path, capsys):
-    for name, message in [("basic", "use DataComp's baselines.py for it"), ("laion2b", "use DataComp's baselines.py"),
+    for name, message in [("basic_filter", "use DataComp's baselines.py for it"),
+                          ("laion2b", "use DataComp's baselines.py"), ("text_based", "use DataComp's baselines.py"),
                           ("siev", "unknown --name 'siev'; one of no_filter, clip_score, sieve, sieve_clip")]:
         code, err = _err(capsys, ["--name", name, "--save_path", str(tmp_path / "o.npy")])
         assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("name,extra,message", [
+    ("sieve", ["--fraction", "1.5"], "must be in (0, 1]"),
+    ("sieve", ["--fraction", "0.2", "--threshold", "0.3"], "not both"),
+    ("sieve_clip", ["--alpha", "1.5"], "must be in [0, 1]"),
+    ("sieve_clip", ["--alpha", "0.5", "--weights", "sieve=0.5", "clip=0.5"], "not both"),
+    ("sieve_clip", ["--weights", "sieve=0.6", "clip=0.6"], "must sum to 1"),
+    ("sieve", ["--weights", "sieve=1.5", "clip=-0.5"], "must not be negative"),
+])
+def test_flag_errors_come_before_scoring_the_pool(pool, tmp_path, capsys, monkeypatch, name, extra, message):
+    """With --shards_dir the store is completed (the whole pool scored, the first time) before the
+    selection: a wrong --fraction, --alpha or --weights is refused first, not after hours of scoring."""
+    from datacomp_sieve import cli
+
+    monkeypatch.setattr(cli, "_complete_store", lambda *a, **k: pytest.fail("scored before checking the flags"))
+    (tmp_path / "shards").mkdir()
+    code, err = _err(capsys, ["--name", name, "--metadata_dir", str(pool / "metadata"), "--shards_dir",
+                              str(tmp_path / "shards"), "--scores_dir", str(tmp_path / "store"),
+                              "--save_path", str(tmp_path / "o.npy")] + extra)
+    assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_save_path_errors_come_before_the_selection(pool, tmp_path, capsys, monkeypatch):
@@ -263,6 +321,16 @@ def test_help_explains_every_name_and_flag(capsys):
     for word in ["no_filter", "clip_score", "sieve_clip", "--metadata_dir", "--save_path", "--fraction",
                  "--threshold", "--arch", "--num_workers", "--scores_dir", "--shards_dir", "--alpha", "--weights"]:
         assert word in out
+
+
+def test_help_gives_the_scoring_batch_size_default_that_scoring_uses(capsys):
+    """filter's --batch_size (scoring through --shards_dir) defaults as score's does: 16 on the CPU, 256 on GPUs."""
+    from datacomp_sieve.score import GPU_BATCH_SIZE
+
+    with pytest.raises(SystemExit):
+        baselines_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default 16 on the CPU, as the reference; {GPU_BATCH_SIZE} on GPUs)" in out
 
 
 def test_root_baselines_py_runs_as_a_script(pool, tmp_path):
@@ -416,3 +484,46 @@ def test_has_values_reads_the_column_s_own_statistics_after_a_nested_column(tmp_
                              L14: pa.array([None] * 4, pa.float32())}), tmp_path / "f" / "a.parquet")
     folder = ParquetFolder.open(str(tmp_path / "f"))
     assert not folder.has_values(L14) and folder.has_values("pairs") and folder.has_values("uid")
+
+
+class _NoCredentialsError(Exception):
+    pass
+
+
+class _Unreachable:
+    """A filesystem whose server cannot be reached, as s3fs without credentials."""
+
+    def invalidate_cache(self, path=None):
+        pass
+
+    def exists(self, path):
+        raise _NoCredentialsError("Unable to locate credentials")
+
+    isdir = exists
+
+
+@pytest.mark.parametrize("command", [
+    ["filter", "--name", "sieve", "--scores_dir", "s3://b/store"],
+    ["filter", "--name", "clip_score", "--fraction", "0.3", "--metadata_dir", "s3://b/metadata"],
+    ["score", "--shards_dir", "s3://b/shards", "--scores_dir", "s3://b/store", "--captioner", "label"],
+    ["score", "--shards_dir", "LOCAL", "--scores_dir", "s3://b/store", "--captioner", "label"],
+    ["pool-info", "--shards_dir", "LOCAL", "--scores_dir", "s3://b/store"],
+])
+def test_an_object_store_out_of_reach_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """No credentials (or a wrong endpoint): one line naming the folder, the client's reason and where
+    credentials come from, not the client library's traceback."""
+    import fsspec
+
+    real = fsspec.core.url_to_fs
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **kw: (_Unreachable(), url.split("://", 1)[1])
+                        if str(url).startswith("s3://") else real(url, **kw))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000000.tar").write_bytes(b"")
+    command = [str(tmp_path / "shards") if a == "LOCAL" else a for a in command]
+    if command[0] == "filter":
+        command += ["--save_path", str(tmp_path / "o.npy"), "--quiet"]
+    capsys.readouterr()
+    code = main(command)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("datacomp_sieve")]
+    assert code == 2 and len(err) == 1, err
+    assert "cannot reach" in err[0] and "Unable to locate credentials" in err[0] and "AWS_ACCESS_KEY_ID" in err[0]

@@ -213,3 +213,22 @@ def test_coverage_counts_both_sides(toy_pool, tmp_path):
     write_tar(shards / "00000009.tar", [sample("000000000", uid="9" * 32)])
     c = coverage(str(toy_pool / "metadata"), str(shards))
     assert c["shards_read_from_tar"] == 4 and c["samples_without_metadata"] == 1 and c["matched"] == 78
+
+
+def test_pool_info_says_when_far_more_is_missing_than_failed_downloads_explain(toy_pool, tmp_path, capsys):
+    """6 of 84 rows without a sample (7%) are failed downloads; with one shard of three given, 74 of 84
+    (88%) are not, and pool-info no longer calls that normal."""
+    import shutil
+
+    from datacomp_sieve.cli import main
+
+    assert main(["pool-info", "--metadata_dir", str(toy_pool / "metadata"), "--shards_dir",
+                 str(toy_pool / "shards")]) == 0
+    assert "(7.1%; failed downloads, normal)" in capsys.readouterr().out
+    one = tmp_path / "shards"
+    one.mkdir()
+    for p in (toy_pool / "shards").glob("00000001*"):
+        shutil.copy(p, one)
+    assert main(["pool-info", "--metadata_dir", str(toy_pool / "metadata"), "--shards_dir", str(one)]) == 0
+    out = capsys.readouterr().out
+    assert "normal" not in out and f"are all the pool's shards in {one}?" in out

@@ -282,3 +282,28 @@ def test_an_unknown_clip_model_is_named_as_such():
     for pretrained in ("openai", "tiny", "laion2b_s34b_b79k"):
         with pytest.raises(UserError, match="unknown CLIP model 'NoSuchArch'"):
             ClipScorer("NoSuchArch", pretrained=pretrained)
+
+
+def test_clip_weights_that_cannot_be_had_are_one_line_saying_what_to_pass(monkeypatch):
+    """No cached OpenAI weights and no hub: refused at once (no retries against the hub), and every
+    failed load says what to pass instead, on one line."""
+    pytest.importorskip("open_clip")
+    import open_clip
+
+    from datacomp_sieve import clip, models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(clip, "openai_checkpoint", lambda arch: None)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda *a, **k: pytest.fail("went to the hub without a connection"))
+    with pytest.raises(UserError, match="cannot be reached; pass --clip_pretrained PATH"):
+        clip.ClipScorer("ViT-B-32", pretrained="openai")
+
+    def fails(*a, **k):
+        raise RuntimeError("Failed to download weights for tag 'x'.\nPlease check your connection and try again.")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fails)
+    with pytest.raises(UserError) as e:
+        clip.ClipScorer("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert "\n" not in str(e.value) and str(e.value).endswith("pass --clip_pretrained PATH to a local checkpoint")

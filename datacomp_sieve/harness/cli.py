@@ -52,7 +52,8 @@ def run_reshard(args) -> int:
 
     clone, python = _clone(args)
     if not os.path.isfile(args.subset):
-        raise UserError(f"--subset {args.subset} does not exist")
+        raise UserError(f"--subset {args.subset} " + ("is a folder; give the subset .npy file (e.g. from `filter`)"
+                                                      if os.path.isdir(args.subset) else "does not exist"))
     if clone:
         datacomp.reshard(clone, python, args.shards_dir, args.subset, args.output_dir, args.num_workers, args.overwrite)
         meta = json.loads((Path(args.output_dir) / "meta.json").read_text())
@@ -359,7 +360,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--exp_name", required=True, help="run name: OUTPUT_DIR/EXP_NAME")
     t.add_argument("--scale", choices=list(SCALES), default="toy", help="DataComp scale, or toy (default toy)")
     t.add_argument("--num_gpus", type=int, default=1, help="DataComp backend: torchrun --nproc_per_node (default 1)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="training seed (default 0, as DataComp's)")
     t.add_argument("--precision", default=None,
                    help=f"one of {', '.join(PRECISIONS)} (default: DataComp's amp, toy's fp32)")
     t.add_argument("--workers", type=int, default=None, help="data-loader workers (DataComp 4, toy 0)")
@@ -380,7 +381,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--toy_tasks", action="store_true", help="write the toy tasks into --data_dir and evaluate on them")
     e.add_argument("--output_dir", help="where eval_results.jsonl goes (default --train_output_dir)")
     e.add_argument("--batch_size", type=int, default=None, help="default 64")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     _backend_args(e)
     e.set_defaults(func=run_evaluate)
 
@@ -397,7 +398,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--scale", choices=list(SCALES), help="override the experiment's scale (e.g. toy for a trial)")
     p.add_argument("--captioner", help="override the rows' captioner (e.g. label for an offline trial; not the paper's)")
     p.add_argument("--eval_data_dir", help="evaluation sets (native backend: required; DataComp: its --data_dir)")
-    p.add_argument("--tasks", choices=list(TASK_LISTS), default="datacomp", help="native task list")
+    p.add_argument("--tasks", choices=list(TASK_LISTS), default="datacomp",
+                   help="native task list (default datacomp)")
     p.add_argument("--num_gpus", type=int, default=8, help="DataComp backend: GPUs for torchrun (default 8)")
     p.add_argument("--overwrite", action="store_true", help="reshard into non-empty folders")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",

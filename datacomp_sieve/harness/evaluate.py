@@ -253,7 +253,7 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
     import torch
     from tqdm import tqdm
 
-    from .train import load_info
+    from .train import load_info, root_handlers_kept
 
     if tasks not in TASK_LISTS:
         raise UserError(f"unknown task list {tasks!r}: one of {', '.join(TASK_LISTS)}")
@@ -270,28 +270,29 @@ def evaluate(train_output: str, data_dir: str, tasks: str = "datacomp", output_d
     todo = [t for t in TASK_LISTS[tasks] if t.main_metric is not None]
     same, unknown = split_reused(path, records, [t for t in todo if t.name in results], checkpoint, data_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, transform, tokenizer = load_model(info, device)
-    skipped = {}
-    for task in tqdm(todo, desc="evaluate", unit="task", disable=not progress):
-        if task.name in results:
-            continue
-        why = native_support(task)
-        folder = task_dir(data_dir, task)
-        if why is None and not (folder / "test" / "nshards.txt").is_file():
-            why = f"no evaluation set at {folder}"
-        if why is not None:
-            skipped[task.name] = why
-            continue
-        source = {"checkpoint": checkpoint, "eval_set": set_source(folder)}
-        metrics = _evaluate_task(task, folder, model, transform, tokenizer, device, batch_size)
-        metrics["main_metric"] = metrics.get(task.main_metric)
-        line = {"key": task.key, "dataset": task.name, "metrics": metrics}
-        results[task.name] = line
-        with open(path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-        records[task.name] = source
-        _write_sources(path, records)
-        log.info("%s: %s %.4f", task.name, task.main_metric, metrics["main_metric"])
+    with root_handlers_kept():  # open_clip's root logging.info would leave a handler behind
+        model, transform, tokenizer = load_model(info, device)
+        skipped = {}
+        for task in tqdm(todo, desc="evaluate", unit="task", disable=not progress):
+            if task.name in results:
+                continue
+            why = native_support(task)
+            folder = task_dir(data_dir, task)
+            if why is None and not (folder / "test" / "nshards.txt").is_file():
+                why = f"no evaluation set at {folder}"
+            if why is not None:
+                skipped[task.name] = why
+                continue
+            source = {"checkpoint": checkpoint, "eval_set": set_source(folder)}
+            metrics = _evaluate_task(task, folder, model, transform, tokenizer, device, batch_size)
+            metrics["main_metric"] = metrics.get(task.main_metric)
+            line = {"key": task.key, "dataset": task.name, "metrics": metrics}
+            results[task.name] = line
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            records[task.name] = source
+            _write_sources(path, records)
+            log.info("%s: %s %.4f", task.name, task.main_metric, metrics["main_metric"])
     again = "(delete it, or give another --output_dir, to evaluate them anew)"
     if same:
         log.warning("%d task(s) taken from the existing %s, not evaluated again: made from this checkpoint and, "

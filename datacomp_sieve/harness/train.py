@@ -18,6 +18,7 @@ Outputs, as DataComp's: ``OUTPUT_DIR/EXP_NAME/checkpoints/epoch_latest.pt`` and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -218,13 +219,30 @@ def data_fingerprint(data_dir: str) -> str:
     return h.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def root_handlers_kept():
+    """Handlers that libraries add to the root logger meanwhile are removed afterwards: open_clip's
+    setup_logging adds one, and open_clip's ``logging.info`` on a root logger without handlers runs
+    ``basicConfig``. A later step in the same process (``reproduce`` runs every step in one) would
+    otherwise print each record once per handler."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+
+
 def _run_open_clip(argv: list[str], toy: bool) -> int | None:
     """open_clip_train.main(argv), with the root logger's handlers and (for toy) the shuffle buffer restored."""
     import open_clip_train.data as ocd
     from open_clip_train.main import main
 
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    level = root.level
     # open_clip's setup_logging sets every logger that exists to INFO (torch's too: their records then
     # print at exit); each gets its level back
     levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
@@ -232,13 +250,10 @@ def _run_open_clip(argv: list[str], toy: bool) -> int | None:
     if toy:
         ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL = 1, 1
     try:
-        return main(argv)
+        with root_handlers_kept():
+            return main(argv)
     finally:
         ocd._SAMPLE_SHUFFLE_SIZE, ocd._SAMPLE_SHUFFLE_INITIAL = saved
-        for h in list(root.handlers):
-            if h not in handlers:
-                root.removeHandler(h)
-                h.close()
         root.setLevel(level)
         for name, lg in list(logging.root.manager.loggerDict.items()):
             if isinstance(lg, logging.Logger):
