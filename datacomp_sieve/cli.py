@@ -141,9 +141,13 @@ def run_filter(args: argparse.Namespace) -> int:
     for note in sel.notes:
         log.warning("%s", note)
     path, written = opts.sink.write(args.save_path)
-    pct = 100.0 * written / sel.scored if sel.scored else 0.0
+    pct = 100.0 * written / sel.ranked if sel.ranked else 0.0
     thr = "" if sel.threshold != sel.threshold else f", threshold {sel.threshold:.6g}"
-    log.info("kept %d of %d scored samples (%.2f%%)%s", written, sel.scored, pct, thr)
+    if sel.ranked == sel.scored:
+        log.info("kept %d of %d scored samples (%.2f%%)%s", written, sel.scored, pct, thr)
+    else:  # clip_score: rows without a score count in N, as in DataComp
+        log.info("kept %d of %d rows (%.2f%%; %d have a score, the others count in N and rank last, as in "
+                 "DataComp)%s", written, sel.ranked, pct, sel.scored, thr)
     log.info("wrote %s (%d uids, sorted u8,u8) in %.1fs", path, written, time.time() - t0)
     return 0
 

@@ -54,6 +54,7 @@ class Selection:
     rows: int
     scored: int
     kept: int
+    ranked: int = 0  # N, the rows the fraction is of: the scored ones, or every row with count_missing
     lacking: dict = field(default_factory=dict)
     minmax: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
@@ -459,7 +460,7 @@ def _select(table, terms, fraction, threshold, normalize, count_missing, progres
     minmax = {t.name: (None if fusion.min[i] is None else float(fusion.min[i]),
                        None if fusion.max[i] is None else float(fusion.max[i])) for i, t in enumerate(terms)}
     return Selection(threshold=thr_value, rows=rows, scored=scored, kept=kept,
-                     lacking={**lacking, **table.lacking}, minmax=minmax, notes=notes)
+                     ranked=total if count_missing else scored, lacking={**lacking, **table.lacking}, minmax=minmax, notes=notes)
 
 
 def _kth_largest(table, fusion, n: int, scored: int, progress: bool, step: int, npass: int) -> float:

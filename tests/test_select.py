@@ -1,5 +1,6 @@
 """Selection must equal, byte for byte, the in-memory methods of DataComp and the reference code."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -527,3 +528,16 @@ def test_an_object_store_out_of_reach_is_one_line(tmp_path, capsys, monkeypatch,
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("datacomp_sieve")]
     assert code == 2 and len(err) == 1, err
     assert "cannot reach" in err[0] and "Unable to locate credentials" in err[0] and "AWS_ACCESS_KEY_ID" in err[0]
+
+
+def test_clip_score_says_its_percentage_of_n_counting_rows_without_a_score(tmp_path, capsys):
+    meta = tmp_path / "metadata"
+    write_folder(str(meta), rows=2000, files=2, seed=7, columns=("clip_l14_similarity_score",), missing=0.1)
+    assert main(["filter", "--name", "clip_score", "--fraction", "0.3", "--metadata_dir", str(meta),
+                 "--save_path", str(tmp_path / "s.npy")]) == 0
+    kept = len(np.load(tmp_path / "s.npy"))
+    err = capsys.readouterr().err
+    m = re.search(r"kept (\d+) of 2000 rows \(([\d.]+)%; (\d+) have a score, the others count in N", err)
+    assert m, err
+    assert int(m.group(1)) == kept >= int(2000 * 0.3) + 1 and m.group(2) == f"{100 * kept / 2000:.2f}"
+    assert 1700 < int(m.group(3)) < 1900
