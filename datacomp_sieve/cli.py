@@ -1,6 +1,7 @@
 """Command line: ``datacomp-sieve <command>`` and the drop-in ``baselines.py``.
 
-The CLI only parses and dispatches; user mistakes surface as one line and exit code 2.
+The CLI only parses and dispatches; user mistakes surface as one line and exit code 2; Ctrl-C and
+SIGTERM (``stopping.py``) as one line and 130 or 143.
 """
 
 from __future__ import annotations
@@ -526,14 +527,17 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     _setup_logging()
     if getattr(args, "quiet", False):  # the model loaders' bars too (read when transformers is imported)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from .stopping import exit_status, sigterm_as_interrupt, signal_name
+
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # a cluster's stop unwinds as Ctrl-C does: children stopped, memory freed
+            return args.func(args)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # what was done and how to go on, where the command says it (score_pool)
+        print(f"{parser.prog}: interrupted by {signal_name(e)}" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return exit_status(e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 import traceback
 from dataclasses import asdict
 
@@ -150,7 +151,24 @@ def _decode_within(scorer, cpus: int) -> None:
 
 
 def _process_worker(conn, device, cfg_dict, factory, pin_cuda: bool, threads: int) -> None:
-    """A ``ProcessEngine`` worker: pin its GPU before torch starts, load once, score many shards."""
+    """A ``ProcessEngine`` worker: Ctrl-C is the driver's, SIGTERM (from the driver, a scheduler, or
+    once the driver is gone: ``stopping.as_child``) stops its decoding and text processes and frees
+    their shared memory before it exits (143, without a traceback)."""
+    import signal
+    import sys
+
+    from .stopping import Terminated, as_child, raise_terminated
+
+    as_child()
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        _serve(conn, device, cfg_dict, factory, pin_cuda, threads)
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
+
+
+def _serve(conn, device, cfg_dict, factory, pin_cuda: bool, threads: int) -> None:
+    """A ``ProcessEngine`` worker's work: pin its GPU before torch starts, load once, score many shards."""
     if pin_cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device)  # "cuda" is now this process's GPU
     import torch
@@ -167,23 +185,25 @@ def _process_worker(conn, device, cfg_dict, factory, pin_cuda: bool, threads: in
         conn.send(("init_error", error_line(e), os.getpid()))
         return
     stores: dict = {}
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the driver is gone
-            msg = None
-        if msg is None:
-            if hasattr(scorer, "close"):
-                scorer.close()
-            return
-        shard, store_url = msg
-        try:
-            result = scorer.score(shard)
-            store = stores.setdefault(store_url, ScoreStore(store_url))
-            store.write_shard(shard.stem, result.table, result.stats)
-            conn.send(("done", shard.stem, result.table.num_rows))
-        except Exception as e:  # noqa: BLE001
-            conn.send(("error", shard.stem, error_line(e)))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:  # the driver is gone
+                msg = None
+            if msg is None:
+                return
+            shard, store_url = msg
+            try:
+                result = scorer.score(shard)
+                store = stores.setdefault(store_url, ScoreStore(store_url))
+                store.write_shard(shard.stem, result.table, result.stats)
+                conn.send(("done", shard.stem, result.table.num_rows))
+            except Exception as e:  # noqa: BLE001
+                conn.send(("error", shard.stem, error_line(e)))
+    finally:  # told to stop, or stopped (SIGTERM): its processes and shared memory go too
+        if hasattr(scorer, "close"):
+            scorer.close()
 
 
 class ProcessEngine:
@@ -251,11 +271,24 @@ class ProcessEngine:
         return descriptions[0]
 
     def run(self, shards, store, bar) -> dict:
-        from multiprocessing.connection import wait
-
         ledger = _Ledger(shards, store, bar, self.max_retries)
         store_url = _absolute(store.url)
         busy: dict = {}  # device -> shard
+        try:
+            self._dispatch(ledger, store_url, busy)
+        except BaseException:  # interrupted: the shards in progress are given up now, not waited for
+            for d in busy:
+                if d in self.workers:
+                    self.workers[d][0].terminate()
+            raise
+        self._info = {"workers": len(self.devices), "devices": self.devices, "respawned": self.respawns,
+                      **ledger.info()}
+        return ledger.failed
+
+    def _dispatch(self, ledger, store_url: str, busy: dict) -> None:
+        """Hand out the shards until none is left or in progress (``busy``: device -> its shard)."""
+        from multiprocessing.connection import wait
+
         while ledger.queue or busy:
             for d in list(self.workers):
                 if d not in busy and ledger.queue:
@@ -298,9 +331,6 @@ class ProcessEngine:
                     p.join(5)
                     ledger.failure(shard, f"worker process for device {d} died (exit code {p.exitcode})")
                     self._replace(d)
-        self._info = {"workers": len(self.devices), "devices": self.devices, "respawned": self.respawns,
-                      **ledger.info()}
-        return ledger.failed
 
     def _replace(self, d) -> None:
         self.workers.pop(d, None)
@@ -324,10 +354,15 @@ class ProcessEngine:
                 conn.send(None)
             except (OSError, BrokenPipeError):
                 pass
+        deadline = time.time() + 10  # for all of them: a scheduler's SIGKILL follows its SIGTERM in ~30 s
         for p, _ in self.workers.values():
-            p.join(10)
+            p.join(max(0.0, deadline - time.time()))
             if p.is_alive():
-                p.terminate()
+                p.terminate()  # its processes and shared memory are freed (``_process_worker``)
+        for p, _ in self.workers.values():
+            p.join(5)
+            if p.is_alive():
+                p.kill()
         self.workers.clear()
 
 
@@ -407,10 +442,13 @@ class RayEngine:
     def _init(self):
         import ray
 
+        from .stopping import keeping_sigterm
+
         if not ray.is_initialized():
             address = None if self.address in (None, "", "local") else self.address
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+                with keeping_sigterm():  # ray.init's handler exits at once; the CLI's unwinds (stopping.py)
+                    ray.init(address=address, include_dashboard=False, log_to_driver=True)
             except (ConnectionError, ValueError) as e:  # ValueError: an address Ray cannot parse
                 raise UserError(f"cannot reach the Ray cluster at --address {self.address} (auto, local or "
                                 f"HOST:PORT): {first_line(e)}") from None

@@ -8,6 +8,7 @@ from the store: a shard whose file exists is done.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -169,6 +170,37 @@ class _Slot(int):
     whole = None
 
 
+def _ring_prefix() -> str:
+    """The start of a ring's name in /dev/shm: this tool's, and the pid namespace's (a pid means
+    something only within its own; containers sharing /dev/shm can have others), then the pid."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"datacomp-sieve-ring-{ns}-"
+
+
+def _remove_dead_rings() -> None:
+    """Remove the rings of processes of this pid namespace that are gone: a run killed with its
+    processes (SIGKILL to a job) cannot free its ring (a GB on a GPU), and /dev/shm keeps it till reboot."""
+    prefix = _ring_prefix()
+    if not os.path.isdir("/proc/self"):  # no way to tell a live process here
+        return
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            log.info("removed /dev/shm/%s, the shared memory of a scoring process that was killed", name)
+        except OSError:  # removed meanwhile by another starting run
+            pass
+
+
 class _CropRing:
     """Shared memory the decoding processes write their uint8 crops (or whole decoded images, see
     ``ShardScorer.resize_on_device``) into, one slot each: only statuses come back through the
@@ -182,7 +214,8 @@ class _CropRing:
         from multiprocessing.shared_memory import SharedMemory
 
         self.shape = (slots, *shape)
-        self.shm = SharedMemory(create=True, size=int(np.prod(self.shape)))
+        self.shm = SharedMemory(name=f"{_ring_prefix()}{os.getpid()}-{os.urandom(4).hex()}", create=True,
+                                size=int(np.prod(self.shape)))
         self._unlink = weakref.finalize(self, self.shm.unlink)  # at exit too, when never closed
         self.array = np.ndarray(self.shape, dtype=np.uint8, buffer=self.shm.buf)
         self.free: list = []
@@ -197,6 +230,7 @@ class _CropRing:
         import numpy as np
 
         each = int(np.prod(shape))
+        _remove_dead_rings()
         try:
             st = os.statvfs("/dev/shm")
             room = st.f_bavail * st.f_frsize
@@ -275,13 +309,22 @@ def gpu_processes(cpus: int) -> tuple[int, int]:
     return text, max(1, min(32, cpus - 2 - text))
 
 
-def _spawn_pool(workers: int, **kw):
+def _spawn_pool(workers: int, initializer=None, initargs=()):
     """Worker processes started fresh (spawn): the parent may hold CUDA, which forked children
-    must not inherit."""
+    must not inherit. They leave Ctrl-C to this process and end when it does (``stopping.as_child``)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kw)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_child,
+                               initargs=(initializer, initargs))
+
+
+def _start_child(initializer, initargs) -> None:
+    from .stopping import as_child
+
+    as_child()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 _TEXT = {}  # in a text process: its encoder and masking
@@ -930,61 +973,80 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     engine = engine or InProcessEngine(scorer)
     cfg = engine.resolve(config)
     store.check({"config": cfg.identity()}, overwrite)  # before the models load
-    by_stem = {s.stem: s for s in shards}
-    known = {} if overwrite else _stats_in_store(store, by_stem)[1]
-    todo = [s.stem for s in mine if not _scored(s, known)]
-    manifest = None if todo else store.manifest()
-    if manifest is not None:
-        if part is None:
-            log.info("all %d shards are already scored in %s: nothing to do", len(shards), scores_dir)
-        else:
-            log.info("the %d shard(s) of part %s are already scored in %s: nothing to do", len(mine), part,
-                     scores_dir)
-            _say_parts_to_come(part, sum(v is not None for v in known.values()), len(shards), scores_dir)
-        engine.close()
-        # the file keeps the last scoring run's details; the caller learns what this one did
-        return {**manifest, "run": {"shards_scored": 0, "shards_skipped": len(mine), "shards_failed": 0}}
-    of = "" if part is None else f" (part {part}: {len(mine)} of the pool's {len(shards)})"
-    log.info("%d of %d shard(s) to score%s", len(todo), len(mine), of)
-    t0 = time.time()
-    models = engine.start(cfg, n_shards=len(todo))
-    load_s = time.time() - t0
-    # The captioner's description names its weights (and their sha256); the text encoder's says
-    # where the same weights came from (hub or bundled copy), so it goes to the manifest only.
-    identity = {"config": cfg.identity(), "captioner": models["captioner"]}
+    with _resume_said(store, mine, part):  # Ctrl-C, SIGTERM: what is in the store, how to go on
+        by_stem = {s.stem: s for s in shards}
+        known = {} if overwrite else _stats_in_store(store, by_stem)[1]
+        todo = [s.stem for s in mine if not _scored(s, known)]
+        manifest = None if todo else store.manifest()
+        if manifest is not None:
+            if part is None:
+                log.info("all %d shards are already scored in %s: nothing to do", len(shards), scores_dir)
+            else:
+                log.info("the %d shard(s) of part %s are already scored in %s: nothing to do", len(mine), part,
+                         scores_dir)
+                _say_parts_to_come(part, sum(v is not None for v in known.values()), len(shards), scores_dir)
+            engine.close()
+            # the file keeps the last scoring run's details; the caller learns what this one did
+            return {**manifest, "run": {"shards_scored": 0, "shards_skipped": len(mine), "shards_failed": 0}}
+        of = "" if part is None else f" (part {part}: {len(mine)} of the pool's {len(shards)})"
+        log.info("%d of %d shard(s) to score%s", len(todo), len(mine), of)
+        t0 = time.time()
+        try:  # interrupted while loading too: the engine's processes (a Ray cluster it started) are stopped
+            models = engine.start(cfg, n_shards=len(todo))
+            load_s = time.time() - t0
+            # The captioner's description names its weights (and their sha256); the text encoder's says
+            # where the same weights came from (hub or bundled copy), so it goes to the manifest only.
+            identity = {"config": cfg.identity(), "captioner": models["captioner"]}
+            store.open_for(identity, overwrite=overwrite)
+        except BaseException:
+            engine.close()
+            raise
+        if overwrite:  # open_for deleted every score file
+            todo = [s.stem for s in shards]
+        skipped = len(mine) - len(todo)
+        if skipped:
+            log.info("resuming: %d of %d shards are already scored in %s", skipped, len(mine), scores_dir)
+        for line in models.values():
+            log.info("%s", line)
+        expected = [_expected_samples(by_stem[s]) for s in todo]
+        total = sum(e for e in expected if e is not None) if all(e is not None for e in expected) else None
+        t1 = time.time()
+        bar = tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True)
+        try:
+            failed = engine.run([by_stem[s] for s in todo], store, bar)
+        finally:
+            bar.close()
+            engine.close()
+        # the files this run wrote are read again; those other jobs wrote meanwhile, by _record
+        scored = set(todo)
+        known = {k: v for k, v in known.items() if k not in scored}
+        run = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped, "shards_failed": len(failed),
+               **({"part": part} if part is not None else {}), "model_load_seconds": round(load_s, 3),
+               "scoring_seconds": round(time.time() - t1, 3), **engine.info(), **environment()}
+        manifest = _record(store, by_stem, {**identity, "models": models}, known, set(todo), failed, run)
+        if failed:
+            raise ShardsFailed(manifest, failed, len(mine), part)
+        if part is not None:
+            _say_parts_to_come(part, manifest["shards"], len(shards), scores_dir)
+        return manifest
+
+
+@contextlib.contextmanager
+def _resume_said(store, mine: list, part: str | None):
+    """An interrupted run (``KeyboardInterrupt``: Ctrl-C, or SIGTERM as ``stopping.Terminated``) says
+    in its message how much of what it was to score is in the store and how to go on."""
     try:
-        store.open_for(identity, overwrite=overwrite)
-    except BaseException:
-        engine.close()
+        yield
+    except KeyboardInterrupt as e:
+        try:
+            have = len(store.completed() & {s.stem for s in mine})
+        except Exception:  # noqa: BLE001 - the store cannot be listed now: the message says less
+            have = None
+        of = "" if part is None else f" of part {part}"
+        done = "" if have is None else f"{have} of the {len(mine)} shard(s){of} are scored in {store.url}; "
+        e.args = (f"{done}shards in progress are not written; rerun the same command to score the rest (finished "
+                  f"shards are kept)",)
         raise
-    if overwrite:  # open_for deleted every score file
-        todo = [s.stem for s in shards]
-    skipped = len(mine) - len(todo)
-    if skipped:
-        log.info("resuming: %d of %d shards are already scored in %s", skipped, len(mine), scores_dir)
-    for line in models.values():
-        log.info("%s", line)
-    expected = [_expected_samples(by_stem[s]) for s in todo]
-    total = sum(e for e in expected if e is not None) if all(e is not None for e in expected) else None
-    t1 = time.time()
-    bar = tqdm(total=total, unit="img", desc="scoring", disable=not progress, dynamic_ncols=True)
-    try:
-        failed = engine.run([by_stem[s] for s in todo], store, bar)
-    finally:
-        bar.close()
-        engine.close()
-    # the files this run wrote are read again; those other jobs wrote meanwhile, by _record
-    scored = set(todo)
-    known = {k: v for k, v in known.items() if k not in scored}
-    run = {"shards_scored": len(todo) - len(failed), "shards_skipped": skipped, "shards_failed": len(failed),
-           **({"part": part} if part is not None else {}), "model_load_seconds": round(load_s, 3),
-           "scoring_seconds": round(time.time() - t1, 3), **engine.info(), **environment()}
-    manifest = _record(store, by_stem, {**identity, "models": models}, known, set(todo), failed, run)
-    if failed:
-        raise ShardsFailed(manifest, failed, len(mine), part)
-    if part is not None:
-        _say_parts_to_come(part, manifest["shards"], len(shards), scores_dir)
-    return manifest
 
 
 def _stats_in_store(store, stems, known: dict | None = None) -> tuple[list, dict]:
