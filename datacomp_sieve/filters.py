@@ -130,7 +130,7 @@ def run_no_filter(opts: FilterOptions) -> Selection:
     for b in meta.batches(["uid"]):
         opts.sink.add(keys_from_arrow(b.column(0), meta.what))
         n += len(b)
-    return Selection(threshold=float("nan"), rows=n, scored=n, kept=n)
+    return Selection(threshold=float("nan"), rows=n, scored=n, kept=n, ranked=n)
 
 
 def _check_weights(weights: dict) -> None:

@@ -541,3 +541,12 @@ def test_clip_score_says_its_percentage_of_n_counting_rows_without_a_score(tmp_p
     assert m, err
     assert int(m.group(1)) == kept >= int(2000 * 0.3) + 1 and m.group(2) == f"{100 * kept / 2000:.2f}"
     assert 1700 < int(m.group(3)) < 1900
+
+
+def test_no_filter_says_it_kept_every_row(pool, tmp_path, capsys):
+    """no_filter keeps all N rows: the kept line says so (it said 'kept 5000 of 0 rows (0.00%; 5000 have a
+    score, the others count in N ...)' once the line gave the percentage of N)."""
+    assert main(["filter", "--name", "no_filter", "--metadata_dir", str(pool / "metadata"),
+                 "--save_path", str(tmp_path / "o.npy"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "kept 5000 of 5000 scored samples (100.00%)" in err, err
