@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 
 from .errors import UserError
@@ -522,6 +523,9 @@ def _setup_logging() -> None:
     root.propagate = False
 
 
+_running = threading.local()  # how many _run calls this thread is within
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
@@ -529,6 +533,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .stopping import exit_status, sigterm_as_interrupt, signal_name
 
+    nested = getattr(_running, "depth", 0) > 0  # demo and reproduce run filter/score through here
+    _running.depth = getattr(_running, "depth", 0) + 1
     try:
         with sigterm_as_interrupt():  # a cluster's stop unwinds as Ctrl-C does: children stopped, memory freed
             return args.func(args)
@@ -536,8 +542,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # what was done and how to go on, where the command says it (score_pool)
+        if nested:  # the outer command says it once and exits 130/143 (not 'step failed', 2)
+            raise
         print(f"{parser.prog}: interrupted by {signal_name(e)}" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return exit_status(e)
+    finally:
+        _running.depth -= 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,3 +190,24 @@ def test_the_cli_leaves_sigterm_as_it_found_it(toy_pool, tmp_path, capsys):
     before = signal.getsignal(signal.SIGTERM)
     main(["pool-info", "--shards_dir", str(toy_pool / "shards"), "--scores_dir", str(tmp_path / "none")])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_command_that_runs_another_is_interrupted_with_the_signal_s_status(tmp_path, capsys, monkeypatch):
+    """demo (and reproduce) run filter/score through the CLI's entry within their own command: stopped
+    there, the run exits 143 with the one 'interrupted' line (it exited 2, adding 'error: selection
+    failed; see the message above' under it)."""
+    from datacomp_sieve import cli, demo, score, toy_pool
+    from datacomp_sieve.stopping import Terminated
+
+    monkeypatch.setattr(demo, "choose_models", lambda: ("label", "none", ["captioner: label"]))
+    monkeypatch.setattr(toy_pool, "build_toy_pool", lambda *a, **k: None)
+    monkeypatch.setattr(score, "score_pool", lambda *a, **k: {})
+
+    def stopped(args):
+        raise Terminated()
+
+    monkeypatch.setattr(cli, "run_filter", stopped)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--captioner", "label", "--quiet"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "datacomp-sieve: interrupted by SIGTERM", err
+    assert not [line for line in err if "interrupted" in line or "error" in line][:-1], err
