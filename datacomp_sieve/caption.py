@@ -717,11 +717,11 @@ def _build_hf(source: str) -> Callable[..., Captioner]:
 
         from transformers import AutoConfig, AutoTokenizer
 
-        from .models import hub_reachable
+        from .models import hub_offline, hub_reachable
 
         # offline, or no hub to reach (a TCP probe): look in the cache only, at once (huggingface_hub
         # otherwise retries an unreachable hub for over half a minute before failing)
-        local_only = os.environ.get("HF_HUB_OFFLINE") == "1" or (not os.path.isdir(source) and not hub_reachable())
+        local_only = hub_offline() or (not os.path.isdir(source) and not hub_reachable())
         kw = {"cache_dir": cache_dir, "local_files_only": local_only}
         try:
             kind = AutoConfig.from_pretrained(source, **kw).model_type

@@ -90,12 +90,13 @@ class ClipScorer:
         else:
             source = pretrained
             if pretrained == "openai":
-                from .models import hub_reachable
+                from .models import hub_offline, hub_reachable
 
                 source = openai_checkpoint(arch)
-                if source is None and os.environ.get("HF_HUB_OFFLINE") == "1":
-                    raise UserError(f"OpenAI's {arch} CLIP weights are not in the local cache and HF_HUB_OFFLINE=1; "
-                                    "pass --clip_pretrained PATH to a local checkpoint")
+                if source is None and hub_offline():
+                    raise UserError(f"OpenAI's {arch} CLIP weights are not in the local cache and offline mode is on "
+                                    "(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); pass --clip_pretrained PATH to a local "
+                                    "checkpoint")
                 if source is None and not hub_reachable():  # not half a minute of retries, then a long error
                     raise UserError(f"OpenAI's {arch} CLIP weights are not in the local cache and the hub cannot be "
                                     "reached; pass --clip_pretrained PATH to a local checkpoint")

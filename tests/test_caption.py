@@ -765,6 +765,33 @@ def test_a_hub_captioner_without_a_reachable_hub_looks_in_the_cache_only(monkeyp
     assert "--captioner PATH" in msg and "--captioner label" in msg
 
 
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "true"}, {"HF_HUB_OFFLINE": "YES"}, {"TRANSFORMERS_OFFLINE": "1"}])
+def test_a_hub_captioner_offline_makes_no_network_probe(monkeypatch, env):
+    """Offline in any of huggingface_hub's spellings (models.hub_offline): the cache only, and no TCP probe
+    of the hub (the probe ran unless HF_HUB_OFFLINE was exactly "1")."""
+    import transformers
+
+    from datacomp_sieve import models
+    from datacomp_sieve.caption import build_captioner
+    from datacomp_sieve.errors import UserError
+
+    seen = {}
+
+    def from_pretrained(source, **kw):
+        seen.update(kw)
+        raise OSError("not in the cache")
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: pytest.fail("probed the hub while offline"))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", staticmethod(from_pretrained))
+    with pytest.raises(UserError, match="cannot load the captioner"):
+        build_captioner("nobody/not-a-model-xyz")
+    assert seen["local_files_only"] is True
+
+
 def test_unknown_captioner_is_a_user_error(monkeypatch):
     from datacomp_sieve.caption import build_captioner
     from datacomp_sieve.errors import UserError

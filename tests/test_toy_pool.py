@@ -307,3 +307,20 @@ def test_clip_weights_that_cannot_be_had_are_one_line_saying_what_to_pass(monkey
     with pytest.raises(UserError) as e:
         clip.ClipScorer("ViT-B-32", pretrained="laion2b_s34b_b79k")
     assert "\n" not in str(e.value) and str(e.value).endswith("pass --clip_pretrained PATH to a local checkpoint")
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "true"}, {"TRANSFORMERS_OFFLINE": "1"}])
+def test_clip_weights_offline_are_refused_without_a_network_probe(monkeypatch, env):
+    """Offline in any of huggingface_hub's spellings (models.hub_offline): no TCP probe of the hub (it ran
+    unless HF_HUB_OFFLINE was exactly "1"); the error says offline mode is on."""
+    pytest.importorskip("open_clip")
+    from datacomp_sieve import clip, models
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(clip, "openai_checkpoint", lambda arch: None)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: pytest.fail("probed the hub while offline"))
+    with pytest.raises(UserError, match="offline mode is on.*pass --clip_pretrained PATH"):
+        clip.ClipScorer("ViT-B-32", pretrained="openai")
