@@ -973,7 +973,8 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
     engine = engine or InProcessEngine(scorer)
     cfg = engine.resolve(config)
     store.check({"config": cfg.identity()}, overwrite)  # before the models load
-    with _resume_said(store, mine, part):  # Ctrl-C, SIGTERM: what is in the store, how to go on
+    opened: list = []  # once open_for has run: with --overwrite, the old store is deleted by then
+    with _resume_said(store, mine, part, overwrite, opened):  # Ctrl-C, SIGTERM: what is in the store, how to go on
         by_stem = {s.stem: s for s in shards}
         known = {} if overwrite else _stats_in_store(store, by_stem)[1]
         todo = [s.stem for s in mine if not _scored(s, known)]
@@ -998,6 +999,7 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
             # where the same weights came from (hub or bundled copy), so it goes to the manifest only.
             identity = {"config": cfg.identity(), "captioner": models["captioner"]}
             store.open_for(identity, overwrite=overwrite)
+            opened.append(True)
         except BaseException:
             engine.close()
             raise
@@ -1032,20 +1034,26 @@ def score_pool(shards_dir: str, scores_dir: str, config: ScoreConfig, *, overwri
 
 
 @contextlib.contextmanager
-def _resume_said(store, mine: list, part: str | None):
+def _resume_said(store, mine: list, part: str | None, overwrite: bool = False, opened: list = ()):
     """An interrupted run (``KeyboardInterrupt``: Ctrl-C, or SIGTERM as ``stopping.Terminated``) says
-    in its message how much of what it was to score is in the store and how to go on."""
+    in its message how much of what it was to score is in the store and how to go on. ``opened``:
+    not empty once the store was opened for this run (with ``overwrite``, emptied by then)."""
     try:
         yield
     except KeyboardInterrupt as e:
+        if overwrite and not opened:  # stopped while loading: nothing deleted or written yet
+            e.args = (f"{store.url} is as it was (nothing deleted or scored yet); rerun the same command",)
+            raise
         try:
             have = len(store.completed() & {s.stem for s in mine})
         except Exception:  # noqa: BLE001 - the store cannot be listed now: the message says less
             have = None
         of = "" if part is None else f" of part {part}"
         done = "" if have is None else f"{have} of the {len(mine)} shard(s){of} are scored in {store.url}; "
-        e.args = (f"{done}shards in progress are not written; rerun the same command to score the rest (finished "
-                  f"shards are kept)",)
+        again = ("rerun it without --overwrite to score the rest (finished shards are kept; --overwrite would "
+                 "delete them again)" if overwrite else
+                 "rerun the same command to score the rest (finished shards are kept)")
+        e.args = (f"{done}shards in progress are not written; {again}",)
         raise
 
 

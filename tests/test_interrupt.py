@@ -211,3 +211,37 @@ def test_a_command_that_runs_another_is_interrupted_with_the_signal_s_status(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "datacomp-sieve: interrupted by SIGTERM", err
     assert not [line for line in err if "interrupted" in line or "error" in line][:-1], err
+
+
+def test_an_interrupted_overwrite_run_says_to_resume_without_overwrite(toy_pool, reference, tmp_path):
+    """--overwrite deletes the store before scoring: stopped after that, rerunning 'the same command'
+    (as the message said) deleted the shards it had finished; it now says to rerun without --overwrite,
+    which resumes. Stopped while the models load, nothing was deleted, and the same command is right."""
+
+    class StopsAtTheSecondShard(ShardScorer):
+        def score(self, shard, progress=None):
+            if shard.stem != "00000000":
+                raise KeyboardInterrupt
+            return super().score(shard, progress=progress)
+
+    out = tmp_path / "store"
+    score_pool(str(toy_pool / "shards"), str(out), ScoreConfig(captioner="label", device="cpu", batch_size=8,
+                                                               num_captions=3), progress=False)
+    with pytest.raises(KeyboardInterrupt) as e:
+        score_pool(str(toy_pool / "shards"), str(out), config(), overwrite=True, progress=False,
+                   scorer=StopsAtTheSecondShard(config()))
+    msg = str(e.value)
+    assert msg.startswith("1 of the 3 shard(s) are scored in") and "rerun it without --overwrite" in msg, msg
+    assert "the same command" not in msg
+    assert_resumes(toy_pool, reference, out)
+
+    class StopsWhileLoading(ShardScorer):
+        def describe(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        score_pool(str(toy_pool / "shards"), str(out), ScoreConfig(captioner="label", device="cpu", batch_size=8,
+                                                                   num_captions=3),
+                   overwrite=True, progress=False, scorer=StopsWhileLoading(config()))
+    assert str(e.value) == f"{out} is as it was (nothing deleted or scored yet); rerun the same command"
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(p.name for p in reference.glob("*.parquet"))
