@@ -294,31 +294,27 @@ def _lookup(store, wanted: set[bytes], progress: bool, failed: dict | None = Non
                     status[item["values"]] = status.get(item["values"], 0) + item["counts"]
             else:
                 status[NO_STATUS] = status.get(NO_STATUS, 0) + sum(f.groups)
-    rows: dict = {}
-    hits = np.concatenate(hits) if hits else np.empty(0, np.int64)
-    unit_of = np.searchsorted(ends, hits, side="right")
-    for u in np.unique(unit_of):
-        i, g, n = units[u]
-        path = store.paths[i]
-        extra = [c for c in ("key", "best_caption", "captions", "status", "error") if c in footers[i].names]
-        at = hits[unit_of == u] - (ends[u] - n)
-        part = store._file(path).read_row_group(g, columns=["uid"] + extra).take(pa.array(at))
-        stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
-        for r in part.to_pylist():
-            rows.setdefault(bytes.fromhex(r["uid"]), {**r, "shard": stem})
-    if picks:
-        at = np.array(sorted(p for v in picks.values() for p in v), np.int64)
+    def rows_at(at, columns):
+        """(row number, shard, row) for the given ascending row numbers of the store, each file's row
+        group read once for the ``columns`` it has."""
         unit_of = np.searchsorted(ends, at, side="right")
-        found: dict = {}
         for u in np.unique(unit_of):
             i, g, n = units[u]
             path = store.paths[i]
-            cols = [c for c in ("uid", "key", "error") if c in footers[i].names]
             mine = at[unit_of == u]
+            cols = [c for c in columns if c in footers[i].names]
             part = store._file(path).read_row_group(g, columns=cols).take(pa.array(mine - (ends[u] - n)))
             stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
-            for p, r in zip(mine.tolist(), part.to_pylist()):
-                found[p] = {"uid": r.get("uid"), "shard": stem, "key": r.get("key"), "error": r.get("error")}
+            yield from zip(mine.tolist(), [stem] * len(mine), part.to_pylist())
+
+    rows: dict = {}
+    hits = np.concatenate(hits) if hits else np.empty(0, np.int64)
+    for _, stem, r in rows_at(hits, ("uid", "key", "best_caption", "captions", "status", "error")):
+        rows.setdefault(bytes.fromhex(r["uid"]), {**r, "shard": stem})
+    if picks:
+        at = np.array(sorted(p for v in picks.values() for p in v), np.int64)
+        found = {p: {"uid": r.get("uid"), "shard": stem, "key": r.get("key"), "error": r.get("error")}
+                 for p, stem, r in rows_at(at, ("uid", "key", "error"))}
         failed.update({v: [found[p] for p in picks[v]] for v in sorted(picks)})
     return rows, status, total
 
