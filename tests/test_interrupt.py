@@ -61,7 +61,13 @@ def start(toy_pool, out, how="in process", extra=()):
            "--batch_size", "8", "--num_captions", "2", "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A job a script starts in the background (CI's, ``cmd &``) inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt; the run started here takes Ctrl-C as a terminal's job does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_a_shard(p, out, timeout=60):
