@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-from .errors import UserError, error_line
+from .errors import UserError, error_line, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -488,7 +488,7 @@ def download_checkpoint(url: str, cache_dir: str | os.PathLike | None = None, pr
         os.replace(tmp, dest)
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download {url} ({' '.join(str(e).split())}); {_what_to_do(url, dest)}") from None
+        raise UserError(f"could not download {url} ({one_line(e)}); {_what_to_do(url, dest)}") from None
     return dest
 
 

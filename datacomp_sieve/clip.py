@@ -12,7 +12,7 @@ import json
 import logging
 import os
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 # Tiny towers built from open_clip's own configs with small overrides (for tests, offline demos).
 TINY = {
@@ -111,7 +111,7 @@ class ClipScorer:
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source, **kwargs)
             except Exception as e:  # network, missing tag, bad file: say which, in one line
                 raise UserError(f"cannot load CLIP {arch} weights {pretrained!r}: {type(e).__name__}: "
-                                f"{' '.join(str(e).split())}; pass --clip_pretrained PATH to a local checkpoint") from None
+                                f"{one_line(e)}; pass --clip_pretrained PATH to a local checkpoint") from None
             self.description = f"open_clip {name} with weights {source}"
         self.model = model.eval().to(device)
         self.preprocess = preprocess

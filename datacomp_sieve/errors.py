@@ -11,6 +11,11 @@ def first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's whole message on one line (its lines and runs of spaces joined by one space)."""
+    return " ".join(str(e).split())
+
+
 def error_line(e: BaseException) -> str:
     """One line naming an exception: ``Type: first line of the message``."""
     name = type(e).__name__

@@ -159,7 +159,7 @@ def check_options(name: str, opts: FilterOptions) -> None:
 
 
 def _fuse(opts: FilterOptions, terms: list[Term]) -> Selection:
-    _check_weights({t.name: t.weight for t in terms})
+    """The terms' weights are --weights (checked by ``check_options``) or 1 - alpha and alpha."""
     return select(terms, fraction=opts.fraction, threshold=opts.threshold, normalize=True,
                   count_missing=False, tmp_dir=opts.tmp_dir, progress=opts.progress, sink=opts.sink)
 

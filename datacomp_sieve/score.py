@@ -1174,8 +1174,9 @@ def store_progress(scores_dir: str, shards: list) -> dict:
     from .store import CONFIG, ScoreStore
 
     store = ScoreStore(scores_dir)
-    if not exists(store.fs, store.root, "--scores_dir", scores_dir) or store.config() is None:
-        what = "does not exist" if not store.fs.exists(store.root) else f"is not a score store (no {CONFIG})"
+    there = exists(store.fs, store.root, "--scores_dir", scores_dir)
+    if not there or store.config() is None:
+        what = "does not exist" if not there else f"is not a score store (no {CONFIG})"
         raise UserError(f"--scores_dir {scores_dir} {what}")
     stems = [s.stem for s in shards]
     known = _stats_in_store(store, stems)[1]

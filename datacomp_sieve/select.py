@@ -54,7 +54,7 @@ class Selection:
     rows: int
     scored: int
     kept: int
-    ranked: int = 0  # N, the rows the fraction is of: the scored ones, or every row with count_missing
+    ranked: int  # N, the rows the fraction is of: the scored ones, or every row with count_missing
     lacking: dict = field(default_factory=dict)
     minmax: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
