@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 df -h /dev/shm 2>&1 | tee -a "$out/gpu.txt"
-step gpu_check 180 "$py" bench/gpu_check.py
+step gpu_check 150 "$py" bench/gpu_check.py
 step score_speed 320 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
     --samples_per_shard "$images" --reference_images $((images < 256 ? images : 256)) \
     --sweep 256g,256x11x3gi,256x11x3gm,256x11x3gs,256x11x0g,256x11x3gt,256x6x3g,256x11x3gc,512x11x3g

@@ -365,7 +365,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-SWEEP_FLAGS = "gcmsti"  # what a --sweep item may end in (see --help)
+SWEEP_FLAGS = "gcmstTi"  # what a --sweep item may end in (see --help)
 
 
 def parse_sweep(text: str) -> list:
@@ -512,8 +512,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=64, help="number of images N (default 64)")
     p.add_argument("--batch_size", type=int, default=None, help="this engine's batch (default: its own, 16 on the CPU, 256 on GPUs)")
     p.add_argument("--num_captions", type=int, default=8)
-    p.add_argument("--decoding", choices=["fast", "reference"], default="fast",
-                   help="this engine's decoding (default fast; reference: transformers' generate inside the engine)")
+    p.add_argument("--decoding", choices=["fast", "graph", "reference"], default=None,
+                   help="this engine's decoding (default: its own, graph on CUDA and fast on the CPU; reference: "
+                        "transformers' generate inside the engine)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                    help="this engine's precision (default: its own, fp16 on CUDA and fp32 on the CPU)")
     p.add_argument("--samples_per_shard", type=int, default=256)
@@ -540,8 +541,9 @@ def main(argv=None) -> int:
                         "TEXT: text processes, which decode captions, mask and tokenise), each optionally ending in any of g (the "
                         "decoding step as a CUDA graph), c (resize and crop in the decoding processes, not on the "
                         "device), m (the text processes run their own text encoder on the device too) and s "
-                        "(each batch captioned on this thread, not on one of its own while the next is read) and t "
-                        "(torch's CPU thread pool in this process cut to one thread, from the machine's cores), "
+                        "(each batch captioned on this thread, not on one of its own while the next is read), t "
+                        "(torch's CPU thread pool in this process cut to one thread, the GPU default), T (one thread "
+                        "per core, the default before 2026-11-28), "
                         "i (each batch moved to the GPU and prepared on a CUDA stream of its own), "
                         "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt,256x12x3gi")
     args = p.parse_args(argv)
@@ -554,7 +556,7 @@ def main(argv=None) -> int:
     try:
         sweep = parse_sweep(args.sweep)
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t][i] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t|T][i] items, got {args.sweep!r}")
 
     import logging
 
@@ -776,12 +778,11 @@ def main(argv=None) -> int:
         rates = []  # (img/s, sweep item) of the items that ran
         sampler = getattr(scorer.captioner, "sampler", None)
         prev_batch = config.batch_size
-        torch_threads = torch.get_num_threads()
+        default_threads = scorer.torch_threads
         for item, flags in sweep:
             graphs = "g" in flags
-            # t: fewer threads for this process's CPU-side torch work (the gather of a batch), so
-            # that they do not wait on cores the decoding and text processes use
-            torch.set_num_threads(1 if "t" in flags else torch_threads)
+            # t: one thread for this process's CPU-side torch work (the GPU default), T: one per core
+            scorer.torch_threads = 1 if "t" in flags else os.cpu_count() if "T" in flags else default_threads
             try:
                 batch = item[0]
                 cfg = dataclasses.replace(config, batch_size=batch)
@@ -806,7 +807,8 @@ def main(argv=None) -> int:
                 prev_batch = batch
                 s_time, s_stage, s_rate = run_fast(cfg)
                 util = s_stage.pop("gpu utilisation %", None)
-                print(f"sweep: batch {batch}, torch threads {torch.get_num_threads()}, decode workers {workers} "
+                print(f"sweep: batch {batch}, torch threads {scorer.torch_threads or torch.get_num_threads()}, "
+                      f"decode workers {workers} "
                       f"(image decoding: {scorer.image_decoding()}), "
                       f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}, captioning thread "
@@ -823,7 +825,7 @@ def main(argv=None) -> int:
                 print(f"sweep: {'x'.join(map(str, item))}{flags}: FAILED with an exception")
                 scorer.close()
         scorer.close()
-        torch.set_num_threads(torch_threads)
+        scorer.torch_threads = default_threads
         if rates:
             best = max(rates)
             print(f"sweep: fastest {best[1]} at {best[0]:.2f} img/s, against {fast_rate:.2f} img/s at the defaults")
@@ -831,7 +833,7 @@ def main(argv=None) -> int:
         scorer.text_model_in_workers, scorer.overlap_captioning = False, default_overlap
         scorer.input_stream = False
         if sampler is not None:
-            sampler.cuda_graphs = False
+            sampler.cuda_graphs = config.decoding == "graph"
     if rounds > 1:
         print(f"rates below: median over {rounds} rounds")
     scorer.close()

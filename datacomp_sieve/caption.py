@@ -38,8 +38,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _PRECISIONS = ("fp32", "fp16", "bf16")
-#: how BLIP samples: ``fast`` (decoding.FastBlipSampler) or ``reference`` (transformers' generate)
-DECODINGS = ("fast", "reference")
+#: how BLIP samples: ``fast`` (decoding.FastBlipSampler, growing shapes: finished images leave the
+#: batch), ``graph`` (the same sampler on fixed shapes, its per-token step replayed as a CUDA graph
+#: on GPUs; the default there) or ``reference`` (transformers' generate)
+DECODINGS = ("fast", "graph", "reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +341,8 @@ class BlipCaptioner(Captioner):
     as transformers 4.30 did by default (transformers 5 does not unless asked).
 
     ``decoding``: ``fast`` (default) samples with ``decoding.FastBlipSampler`` (same distribution,
-    work shared per image); ``reference`` calls transformers' ``generate`` as the reference code
+    work shared per image); ``graph``, with the same sampler on fixed shapes (``cuda_graphs``: the
+    same distribution, other draws for a seed); ``reference`` calls transformers' ``generate`` as the reference code
     does, for auditing. All of a batch goes through one call (``max_sequences_per_call`` splits it
     when B*r would not fit in memory; with a seed, results stay deterministic but differ from the
     unsplit call).
@@ -381,6 +384,7 @@ class BlipCaptioner(Captioner):
         from .decoding import FastBlipSampler
 
         self.sampler = FastBlipSampler(self.model.text_decoder, settings, self.prompt_ids, self.sep_id, self.pad_id)
+        self.sampler.cuda_graphs = self.decoding == "graph"
 
     # -- the pipeline -------------------------------------------------------------------------
 
@@ -429,7 +433,7 @@ class BlipCaptioner(Captioner):
         The fast decoding runs the ViT as ``decoding.vision_states`` (fused attention where the
         sampler uses it, on GPUs; the model's own numbers on the CPU); the reference, as
         transformers does."""
-        if self.decoding == "fast":
+        if self.decoding != "reference":
             from .decoding import vision_states
 
             fused = self.sampler.fused_attention
@@ -440,7 +444,7 @@ class BlipCaptioner(Captioner):
     def _generate_from_embeds(self, image_embeds, r: int):
         import torch
 
-        if self.decoding == "fast":
+        if self.decoding != "reference":
             return self.sampler.generate(image_embeds, r)
         s = self.settings
         b = image_embeds.shape[0]
@@ -479,8 +483,9 @@ class BlipCaptioner(Captioner):
             "max_sequences_per_call": self.max_sequences_per_call,
             "decoding": self.decoding,
         }
-        if self.decoding == "fast" and self.sampler.cuda_graphs:  # other draws for a seed: not the same scores
-            out["decoding"] = "fast, fixed shapes (CUDA graphs)"
+        if self.decoding != "reference":  # the sampler's own state (a benchmark may switch it): the
+            # fixed shapes make other draws for a seed, so other scores
+            out["decoding"] = "graph" if self.sampler.cuda_graphs else "fast"
         return out
 
 

@@ -40,7 +40,7 @@ class ScoreConfig:
     clip_pretrained: str = "openai"
     device: str | None = None
     precision: str | None = None
-    decoding: str = "fast"
+    decoding: str | None = None  # graph on GPUs (caption.DECODINGS), fast on the CPU
     batch_size: int | None = None  # 16 on the CPU (the reference's), GPU_BATCH_SIZE on GPUs
     seed: int = 0
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
@@ -62,15 +62,19 @@ class ScoreConfig:
             raise UserError(f"--precision must be fp32, fp16 or bf16, got {precision}")
         if device == "cpu" and precision == "fp16":
             raise UserError("fp16 is for GPUs; on the CPU use --precision fp32 or bf16")
-        if self.decoding not in ("fast", "reference"):
-            raise UserError(f"--decoding must be fast or reference, got {self.decoding}")
+        from .caption import DECODINGS
+
+        decoding = self.decoding or ("graph" if device.startswith("cuda") else "fast")
+        if decoding not in DECODINGS:
+            raise UserError(f"--decoding must be one of {', '.join(DECODINGS)}, got {decoding}")
         if self.num_captions < 1:
             raise UserError(f"--num_captions must be at least 1, got {self.num_captions}")
         batch_size = GPU_BATCH_SIZE if device.startswith("cuda") else 16
         batch_size = batch_size if self.batch_size is None else self.batch_size
         if batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, got {batch_size}")
-        return ScoreConfig(**{**asdict(self), "device": device, "precision": precision, "batch_size": batch_size})
+        return ScoreConfig(**{**asdict(self), "device": device, "precision": precision, "decoding": decoding,
+                              "batch_size": batch_size})
 
     def identity(self) -> dict:
         """What the store checks before adding shards: every setting that changes the numbers.
@@ -404,8 +408,19 @@ class ShardScorer:
         self.overlap_captioning = on_gpu
         #: With the captioning thread on a GPU: each batch is copied to the device, resized and
         #: normalised on a CUDA stream of its own, so that the copy overlaps the captioning of the
-        #: batch before instead of queueing behind it (off until measured on a GPU).
+        #: batch before instead of queueing behind it. Off: on one H200 it gained 3.9% and 2.6% in two
+        #: runs, less than the 4.3% between two runs of one setting (bench/RESULTS.md, 2026-11-28).
         self.input_stream = False
+        #: torch's CPU threads in this process while it scores (None: as they are). On a GPU this
+        #: process's CPU-side torch work is small, and a pool of one thread per core spins on the
+        #: cores the decoding and text processes need. On one H200 (16 cores, 11 decoding and 3 text
+        #: processes) its 16 threads used 316 CPU seconds in a 31 s run; one thread in every process
+        #: (OMP_NUM_THREADS=1) made runs 1.7x (growing shapes) and 2.0x (CUDA graphs) as fast, one
+        #: thread in this process alone 1.25x (bench/RESULTS.md, 2026-11-28).
+        self.torch_threads = 1 if on_gpu else None
+        if on_gpu:  # the child processes (decoding, text) start with one thread too, unless the user chose
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(var, "1")
         #: The text half's host work (masking, tokenising) in this many processes of their own
         #: (0: in this process; on GPUs ``gpu_processes``). On a thread it would hold this
         #: process's GIL for about 0.9 ms per image (bench/text_host_cost.py), more than 2,500
@@ -679,6 +694,17 @@ class ShardScorer:
             self._ring = None
 
     def score(self, shard, progress=None) -> ShardResult:
+        import torch
+
+        threads = torch.get_num_threads()
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        try:
+            return self._score(shard, progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _score(self, shard, progress):
         import contextlib
         import multiprocessing
         from collections import deque

@@ -305,6 +305,49 @@ def test_tiny_blip_through_the_engine_is_deterministic(toy_pool, tmp_path, monke
     assert all(len(r["captions"]) == 3 for r in read(tmp_path / "e"))
 
 
+def test_decoding_defaults_per_device_and_the_graph_decoding_on_the_cpu(toy_pool, tmp_path):
+    """GPUs sample with the fixed-shape loop (replayed as a CUDA graph) unless told otherwise, the
+    CPU with the growing one; ``graph`` runs on the CPU too (fixed shapes, no graph) and is
+    deterministic; its draws differ from ``fast``'s once captions end (tests/test_decoding.py), so a
+    store made with one decoding is not resumed with the other."""
+    assert ScoreConfig(device="cuda").resolved(has_gpu=True).decoding == "graph"
+    assert ScoreConfig(device="cpu").resolved(has_gpu=True).decoding == "fast"
+    assert ScoreConfig(device="cuda", decoding="fast").resolved(has_gpu=True).decoding == "fast"
+    with pytest.raises(UserError, match="^--decoding must be one of fast, graph, reference, got eager$"):
+        ScoreConfig(device="cpu", decoding="eager").resolved()
+    cfg = ScoreConfig(captioner="tiny", device="cpu", num_captions=3, batch_size=16, decoding="graph")
+    scorer = ShardScorer(cfg)
+    assert scorer.captioner.sampler.cuda_graphs and scorer.captioner.identity()["decoding"] == "graph"
+    m = score_pool(str(toy_pool / "shards"), str(tmp_path / "g"), cfg, progress=False, scorer=scorer)
+    score_pool(str(toy_pool / "shards"), str(tmp_path / "g2"), cfg, progress=False)
+    assert m["config"]["decoding"] == "graph" and m["status"] == {"ok": m["rows"]}
+    for x, y in zip(sorted((tmp_path / "g").glob("*.parquet")), sorted((tmp_path / "g2").glob("*.parquet"))):
+        assert pq.read_table(x).equals(pq.read_table(y))
+    fast = ScoreConfig(**{**cfg.__dict__, "decoding": "fast"})
+    with pytest.raises(UserError, match=r"other settings \(config.decoding: 'graph' -> 'fast'\)"):
+        score_pool(str(toy_pool / "shards"), str(tmp_path / "g"), fast, progress=False)
+
+
+def test_torch_threads_while_scoring(toy_pool, tmp_path):
+    """``torch_threads`` (one on GPUs) holds while a shard is scored and is undone afterwards."""
+    import torch
+
+    from datacomp_sieve.shards import list_shards
+
+    scorer = ShardScorer(label_config())
+    assert scorer.torch_threads is None  # the CPU's models want every core
+    seen, score = [], scorer._score
+
+    def spied(shard, progress):
+        seen.append(torch.get_num_threads())
+        return score(shard, progress)
+
+    before = torch.get_num_threads()
+    scorer._score, scorer.torch_threads = spied, before + 1  # other than now, whatever the machine
+    scorer.score(list_shards(str(toy_pool / "shards"))[0])
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
 def test_filter_refuses_a_store_made_otherwise_than_its_scoring_flags(toy_pool, store, tmp_path, capsys):
     """baselines.py with --shards_dir: the scoring flags say which store the selection needs; a
     store made with another captioner is refused (also when it is complete), one made as the
