@@ -793,8 +793,10 @@ def main(argv=None) -> int:
                 resize = False if "c" in flags else None
                 setting = (workers, text, resize, "m" in flags)
                 changed = False
-                if setting != (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device,
-                               scorer.text_model_in_workers):
+                # another batch: the processes and the crop ring start again, the ring sized for it
+                # (4 batches read ahead; the ring of a smaller batch sends the rest through pipes)
+                if batch != prev_batch or setting != (scorer.decode_workers, scorer.text_workers,
+                                                      scorer.resize_on_device, scorer.text_model_in_workers):
                     scorer.close()
                     (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device,
                      scorer.text_model_in_workers) = setting

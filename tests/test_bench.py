@@ -91,6 +91,18 @@ def test_gpu_check_runs_what_a_cpu_can(capsys):
     assert out.count("store EQUAL to the in-line one: True") == 2 and "images processes (2" in out
 
 
+def test_decode_profile_runs_on_the_cpu():
+    out = _run("decode_profile.py", "--device", "cpu", "--model", "tiny", "--batches", "2,4", "--steps", "2",
+               "--repeats", "2", "--top", "5")
+    steps = re.findall(r"^batch (\d+) \((\d+) sequences\): eager step [\d.]+ ms; whole loop [\d.]+ s for 16 new "
+                       r"tokens: \d+ images/s of decoding alone$", out, re.M)
+    assert steps == [("2", "16"), ("4", "32")]  # no graph on the CPU
+    ops = re.findall(r"^ +[\d.]+ ms +[\d.]+% +\d+ calls  \[(.+?)\] (\S+)", out, re.M)
+    assert len(ops) == 5 and ("matrix products", "aten::addmm") in ops
+    shares = re.search(r"^by kind: (.*)$", out, re.M).group(1)
+    assert sum(int(x) for x in re.findall(r"\((\d+)%\)", shares)) in range(98, 103)  # every operation counted once
+
+
 def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
     """bench/gpu_round.sh, with a stand-in for python that prints its arguments: every step runs
     and keeps its output, and every --sweep it gives is one score_speed.py accepts."""
@@ -99,7 +111,8 @@ def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_round.sh"), str(tmp_path / "out"), "512"],
                          env={**os.environ, "PYTHON": "echo"}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert re.findall(r"^== (\w+): exit 0$", out.stdout, re.M) == ["gpu_check", "score_speed", "sep_bias"]
+    assert re.findall(r"^== (\w+): exit 0$", out.stdout, re.M) == ["gpu_check", "decode_profile", "score_speed",
+                                                                     "sep_bias"]
     sweeps = re.findall(r"--sweep (\S+)", out.stdout)
     assert len(sweeps) == 4  # two steps, each line printed by the script and by the stand-in
     for text in sweeps:

@@ -1,0 +1,153 @@
+"""Where the decoding step's time goes: per-step times by batch, then the step's operations by device time.
+
+    python bench/decode_profile.py [--device cuda] [--model base] [--batches 256,512,1024] [--steps 8]
+
+On a GPU the engine's rate is bound by BLIP's sampling loop (bench/RESULTS.md, 2026-11-28: 0.118 s
+of device time per batch of 256 images x 8 captions, where arithmetic and memory traffic account
+for about a tenth of it). For each batch (images, 8 captions each) of the fixed-shape loop
+(``--decoding graph``, random weights, seed 0) this prints one step's time replayed as a CUDA graph
+and run eagerly, and the images/s of the whole loop at max_length; then torch.profiler over
+``--steps`` eager steps of the first batch: each operation's own device time, largest first, and
+the totals by kind (matrix products, attention, sampling, the rest). On the CPU (as the tests run
+it) every time is the CPU's and there is no graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+#: operation kinds, by the first pattern found in the operation's name
+KINDS = (("attention", ("attention", "attn", "flash", "fmha")),
+         ("matrix products", ("gemm", "mm", "linear", "matmul", "cutlass")),
+         ("sampling", ("topk", "sort", "scan", "cumsum", "gather", "scatter", "argmax", "exponential", "index",
+                       "where", "masked_fill", "flip", "softmax")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, patterns in KINDS:
+        if any(p in low for p in patterns):
+            return kind
+    return "the rest"
+
+
+def _self_time(event, on_device: bool) -> float:
+    """An averaged profiler event's own time in microseconds (on the device, or the CPU)."""
+    if on_device:
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(event, attr):
+                return float(getattr(event, attr))
+        return 0.0
+    return float(event.self_cpu_time_total)
+
+
+def _step_seconds(loop, run, device, n: int) -> float:
+    """Seconds per call of ``run`` (one step from the first sampled position each time)."""
+    from bench.score_speed import _sync
+
+    for _ in range(2):
+        loop.pos.fill_(loop.first)
+        run()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        loop.pos.fill_(loop.first)  # every step at the same position: all stay in range
+        run()
+    _sync(device)
+    return (time.perf_counter() - t) / n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", choices=["tiny", "base"], default="base")
+    p.add_argument("--batches", default="256,512,1024", help="images per batch, comma-separated (default 256,512,1024)")
+    p.add_argument("--captions", type=int, default=8, help="captions per image (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="eager steps under the profiler (default 8)")
+    p.add_argument("--repeats", type=int, default=20, help="steps timed per way and batch (default 20)")
+    p.add_argument("--top", type=int, default=25, help="operations listed (default 25)")
+    args = p.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batches: give comma-separated numbers, got {args.batches!r}")
+    if not batches or min(batches) < 1 or args.steps < 1 or args.repeats < 1 or args.captions < 1:
+        p.error("--batches, --captions, --steps and --repeats must be at least 1")
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.score_speed import _sync, random_blip
+    from datacomp_sieve.caption import BlipCaptioner, seeded
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here; use --device cpu")
+    precision = "fp16" if cuda else "fp32"
+    model, tok, size = random_blip(args.model, 0)
+    cap = BlipCaptioner(model, tok, device=args.device, precision=precision, image_size=size, decoding="graph")
+    s, r = cap.sampler, args.captions
+    print(f"device: {torch.cuda.get_device_name(dev) if cuda else 'cpu'}; torch {torch.__version__}; "
+          f"{args.model} BLIP, {precision}, {r} captions per image, max_length {s.settings.max_length}")
+    first = None
+    with torch.inference_mode():
+        for b in batches:
+            px = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev, cap.dtype)
+            emb = cap.encode_images(px)
+            s._loops.clear()
+            with seeded(0, dev):
+                s.generate(emb, r)  # allocation (and capture)
+            _sync(dev)
+            t = time.perf_counter()
+            with seeded(1, dev):
+                out = s.generate(emb, r)
+            _sync(dev)
+            whole = time.perf_counter() - t
+            loop = next(iter(s._loops.values()))
+            loop.load(emb)
+            eager = _step_seconds(loop, loop.step, dev, args.repeats)
+            line = f"batch {b} ({b * r} sequences): eager step {1000 * eager:.2f} ms"
+            if loop.graph is not None:
+                graph = _step_seconds(loop, loop.graph.replay, dev, args.repeats)
+                line += f", CUDA graph step {1000 * graph:.2f} ms"
+            print(f"{line}; whole loop {whole:.3f} s for {out.shape[1] - loop.first} new tokens: "
+                  f"{b / whole:.0f} images/s of decoding alone")
+            if first is None:
+                first = (loop, emb)
+        loop, emb = first
+        loop.load(emb)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                loop.pos.fill_(loop.first)
+                loop.step()
+            _sync(dev)
+    events = [e for e in prof.key_averages() if _self_time(e, cuda) > 0]
+    events.sort(key=lambda e: _self_time(e, cuda), reverse=True)
+    total = sum(_self_time(e, cuda) for e in events)
+    where = "device" if cuda else "CPU"
+    print(f"\none eager step of batch {batches[0]}, by operation ({args.steps} steps profiled; own {where} time "
+          f"per step, share of the step's {total / 1000 / args.steps:.2f} ms):")
+    for e in events[:args.top]:
+        t = _self_time(e, cuda)
+        print(f"  {t / 1000 / args.steps:8.3f} ms {100 * t / total:5.1f}%  {e.count // args.steps:4d} calls  "
+              f"[{kind_of(e.key)}] {e.key[:90]}")
+    kinds: dict = {}
+    for e in events:
+        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + _self_time(e, cuda)
+    print("by kind: " + ", ".join(f"{k} {v / 1000 / args.steps:.3f} ms ({100 * v / total:.0f}%)"
+                                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
