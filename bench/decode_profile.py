@@ -26,9 +26,10 @@ if ROOT not in sys.path:
 
 #: operation kinds, by the first pattern found in the operation's name
 KINDS = (("attention", ("attention", "attn", "flash", "fmha")),
+         ("cache and embeddings", ("index_copy", "index_select", "embedding")),
          ("matrix products", ("gemm", "mm", "linear", "matmul", "cutlass")),
-         ("sampling", ("topk", "sort", "scan", "cumsum", "gather", "scatter", "argmax", "exponential", "index",
-                       "where", "masked_fill", "flip", "softmax")))
+         ("sampling", ("topk", "sort", "scan", "cumsum", "gather", "scatter", "argmax", "exponential", "where",
+                       "masked_fill", "flip", "softmax")))
 
 
 def kind_of(name: str) -> str:
@@ -40,7 +41,8 @@ def kind_of(name: str) -> str:
 
 
 def _self_time(event, on_device: bool) -> float:
-    """An averaged profiler event's own time in microseconds (on the device, or the CPU)."""
+    """An averaged profiler event's own time in microseconds: on the device, that of the kernels the
+    operation launched itself (not through the operations it called), or on the CPU."""
     if on_device:
         for attr in ("self_device_time_total", "self_cuda_time_total"):
             if hasattr(event, attr):
@@ -131,7 +133,11 @@ def main(argv=None) -> int:
                 loop.pos.fill_(loop.first)
                 loop.step()
             _sync(dev)
-    events = [e for e in prof.key_averages() if _self_time(e, cuda) > 0]
+    from torch.autograd import DeviceType
+
+    # torch's operations (aten::...), each with the device time of the kernels it launched itself;
+    # the kernels are listed as events of their own too, which would count that time twice
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and _self_time(e, cuda) > 0]
     events.sort(key=lambda e: _self_time(e, cuda), reverse=True)
     total = sum(_self_time(e, cuda) for e in events)
     where = "device" if cuda else "CPU"

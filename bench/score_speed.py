@@ -374,7 +374,10 @@ def parse_sweep(text: str) -> list:
     sweep = []
     for item in filter(None, (i.strip() for i in text.split(","))):
         numbers = item.rstrip(SWEEP_FLAGS)
-        sweep.append((tuple(int(x) for x in numbers.split("x")), item[len(numbers):]))
+        flags = item[len(numbers):]
+        if "t" in flags and "T" in flags:
+            raise ValueError(f"{item}: t or T, not both")
+        sweep.append((tuple(int(x) for x in numbers.split("x")), flags))
     return sweep
 
 
@@ -539,11 +542,11 @@ def main(argv=None) -> int:
                    help="after the rounds, time this engine alone at other settings: comma-separated BATCH, "
                         "BATCHxWORKERS or BATCHxWORKERSxTEXT items (WORKERS: image-decoding processes on a GPU; "
                         "TEXT: text processes, which decode captions, mask and tokenise), each optionally ending in any of g (the "
-                        "decoding step as a CUDA graph), c (resize and crop in the decoding processes, not on the "
+                        "decoding step as a CUDA graph; an item without it runs the growing loop), c (resize and crop in the decoding processes, not on the "
                         "device), m (the text processes run their own text encoder on the device too) and s "
                         "(each batch captioned on this thread, not on one of its own while the next is read), t "
                         "(torch's CPU thread pool in this process cut to one thread, the GPU default), T (one thread "
-                        "per core, the default before 2026-11-28), "
+                        "per core, as before 2026-11-28 in this process; its children keep one each), "
                         "i (each batch moved to the GPU and prepared on a CUDA stream of its own), "
                         "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt,256x12x3gi")
     args = p.parse_args(argv)

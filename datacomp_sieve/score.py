@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 import time
 import weakref
@@ -327,6 +328,12 @@ def _start_child(initializer, initargs) -> None:
     from .stopping import as_child
 
     as_child()
+    # one of many processes: no thread pools of its own, whatever the parent's environment says (a
+    # Ray actor's gives its cores), for the libraries it loads from now on and for torch if loaded
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     if initializer is not None:
         initializer(*initargs)
 
@@ -336,12 +343,10 @@ _TEXT = {}  # in a text process: its encoder and masking
 
 def _start_text_worker(text_encoder: str, device: str, precision: str, masking: str, batch_size: int,
                        decoder=None) -> None:
-    import torch
     from transformers.utils import logging as hf_logging
 
     from .text import TextEncoder
 
-    torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # the scoring process has shown its own loading
     _TEXT.update(encoder=TextEncoder(text_encoder, device=device, precision=precision, batch_size=batch_size),
                  masking=masking, decoder=decoder)
@@ -417,10 +422,7 @@ class ShardScorer:
         #: processes) its 16 threads used 316 CPU seconds in a 31 s run; one thread in every process
         #: (OMP_NUM_THREADS=1) made runs 1.7x (growing shapes) and 2.0x (CUDA graphs) as fast, one
         #: thread in this process alone 1.25x (bench/RESULTS.md, 2026-11-28).
-        self.torch_threads = 1 if on_gpu else None
-        if on_gpu:  # the child processes (decoding, text) start with one thread too, unless the user chose
-            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ.setdefault(var, "1")
+        self.torch_threads = 1 if on_gpu else None  # the processes it starts: one each (_start_child)
         #: The text half's host work (masking, tokenising) in this many processes of their own
         #: (0: in this process; on GPUs ``gpu_processes``). On a thread it would hold this
         #: process's GIL for about 0.9 ms per image (bench/text_host_cost.py), more than 2,500
@@ -696,9 +698,10 @@ class ShardScorer:
     def score(self, shard, progress=None) -> ShardResult:
         import torch
 
+        if not self.torch_threads:
+            return self._score(shard, progress)
         threads = torch.get_num_threads()
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        torch.set_num_threads(self.torch_threads)
         try:
             return self._score(shard, progress)
         finally:

@@ -105,8 +105,9 @@ class ScoreStore:
             return None
         diff = differences({k: old.get(k) for k in config}, config)
         if diff and not overwrite:
-            raise UserError(f"{self.url} holds scores made with other settings ({diff}); use another "
-                            f"--scores_dir, or --overwrite to delete them and start again")
+            raise UserError(f"{self.url} holds scores made with other settings ({diff}); give the store's "
+                            f"settings (e.g. --decoding), use another --scores_dir, or --overwrite to delete them "
+                            f"and start again")
         return old
 
     def open_for(self, config: dict, overwrite: bool = False) -> "ScoreStore":

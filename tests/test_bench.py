@@ -119,5 +119,6 @@ def test_gpu_round_script_runs_its_steps_and_its_sweeps_parse(tmp_path):
         items = parse_sweep(text)
         assert items and all(set(flags) <= set(SWEEP_FLAGS) and 1 <= len(n) <= 3 for n, flags in items)
     assert (tmp_path / "out" / "score_speed.txt").read_text().startswith("bench/score_speed.py --device cuda")
-    with pytest.raises(ValueError):
-        parse_sweep("256x12x3q")
+    for bad in ("256x12x3q", "256tT"):
+        with pytest.raises(ValueError):
+            parse_sweep(bad)

@@ -292,6 +292,15 @@ def test_fixed_shape_loop_samples_what_the_growing_loop_samples(pixels):
     assert fast.identity()["decoding"] != build_captioner("tiny", device="cpu").identity()["decoding"]
 
 
+def test_a_batch_smaller_than_one_kept_runs_its_steps_without_a_graph(pixels):
+    """A shard's last batch (its size varying from shard to shard) is not captured as a graph of
+    its own: the fixed-shape steps run as they are (the same tokens: bench/gpu_check.py on a GPU)."""
+    cap = build_captioner("tiny", device="cpu", decoding="graph")
+    for k in (6, 4, 6):
+        _samples(cap, pixels[:k], 3, seed=k)
+    assert {key[0][0]: loop.use_graph for key, loop in cap.sampler._loops.items()} == {6: None, 4: False}
+
+
 def test_fixed_shape_loop_lengths_match_the_reference_path(pixels):
     sub = pixels[:3]
     r = 200

@@ -533,8 +533,8 @@ def test_reproduce_dry_run_prints_commands_and_estimate(clone, tmp_path, capsys)
     assert "--name sieve_clip" in out and "--alpha 0.5" in out and "--name clip_score" in out
     assert "Basic: not run" in out
     assert "~25,600,000 samples kept" in out and "GPU-hours" in out and "ASSUMED" in out
-    # the two Sieve rows also say what scoring the pool costs, from the measured H100 rate
-    assert out.count("Sieve scoring of the pool") == 2 and "~94 GPU-hours" in out
+    # the two Sieve rows also say what scoring the pool costs, from the measured H200 rate
+    assert out.count("Sieve scoring of the pool") == 2 and "~35 GPU-hours" in out
     assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "r").exists()
     # another captioner: its scores go to a store named after it, never to the BLIP rows' store
     assert main(["reproduce", "table1-medium", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "r"),

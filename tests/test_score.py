@@ -328,6 +328,23 @@ def test_decoding_defaults_per_device_and_the_graph_decoding_on_the_cpu(toy_pool
         score_pool(str(toy_pool / "shards"), str(tmp_path / "g"), fast, progress=False)
 
 
+def test_the_processes_a_scorer_starts_have_one_thread_each(monkeypatch):
+    """Decoding and text processes are many: one thread each, whatever the environment gives the
+    scoring process (a Ray actor's says its cores); the scoring process's own is left alone."""
+    import torch
+
+    from datacomp_sieve.score import _spawn_pool
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    pool = _spawn_pool(1)
+    try:
+        assert pool.submit(os.getenv, "OMP_NUM_THREADS").result(timeout=120) == "1"
+        assert pool.submit(torch.get_num_threads).result(timeout=120) == 1
+    finally:
+        pool.shutdown()
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
 def test_torch_threads_while_scoring(toy_pool, tmp_path):
     """``torch_threads`` (one on GPUs) holds while a shard is scored and is undone afterwards."""
     import torch

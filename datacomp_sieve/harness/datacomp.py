@@ -254,9 +254,10 @@ def estimate(scale: str, fraction: float | None, samples_per_gpu_second: float |
             "gpu_hours": c["train_num_samples"] / rate / 3600 if rate else None, "samples_per_gpu_second": rate}
 
 
-#: Sieve scoring throughput measured on one H100 (bench/RESULTS.md: BLIP-base size with random
-#: weights, every caption at max length, 8 captions, fp16, batch 256)
-SCORING_IMAGES_PER_GPU_SECOND = 380.0
+#: Sieve scoring throughput measured on one H200 (bench/RESULTS.md, 2026-11-28: BLIP-base size with
+#: random weights, every caption at max length, 8 captions, fp16, batch 256, CUDA-graph decoding,
+#: one CPU thread per process); an H100 has the same arithmetic rate
+SCORING_IMAGES_PER_GPU_SECOND = 1024.0
 
 
 def scoring_estimate(scale: str) -> str:
@@ -265,7 +266,7 @@ def scoring_estimate(scale: str) -> str:
     hours = images / SCORING_IMAGES_PER_GPU_SECOND / 3600
     return (f"Sieve scoring of the pool (once per scoring setting, shared by the rows that use it): up to "
             f"{images:,} images (fewer: failed downloads) at {SCORING_IMAGES_PER_GPU_SECOND:,.0f} images/s per "
-            f"H100 (measured, bench/RESULTS.md): ~{hours:,.0f} GPU-hours")
+            f"GPU (measured on an H200, bench/RESULTS.md): ~{hours:,.0f} GPU-hours")
 
 
 def format_estimate(e: dict) -> str:
