@@ -67,6 +67,38 @@ def _step_seconds(loop, run, device, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
+def _profile(loop, emb, steps: int, top: int, dev) -> None:
+    """torch.profiler over ``steps`` eager steps of ``loop``: its operations by own time, and by kind."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.score_speed import _sync
+
+    cuda = dev.type == "cuda"
+    loop.load(emb)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            loop.pos.fill_(loop.first)
+            loop.step()
+        _sync(dev)
+    # torch's operations (aten::...), each with the device time of the kernels it launched itself;
+    # the kernels are listed as events of their own too, which would count that time twice
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and _self_time(e, cuda) > 0]
+    events.sort(key=lambda e: _self_time(e, cuda), reverse=True)
+    total = sum(_self_time(e, cuda) for e in events)
+    print(f"\none eager step of batch {emb.shape[0]}, by operation ({steps} steps profiled; own "
+          f"{'device' if cuda else 'CPU'} time per step, share of the step's {total / 1000 / steps:.2f} ms):")
+    for e in events[:top]:
+        t = _self_time(e, cuda)
+        print(f"  {t / 1000 / steps:8.3f} ms {100 * t / total:5.1f}%  {e.count // steps:4d} calls  "
+              f"[{kind_of(e.key)}] {e.key[:90]}")
+    kinds: dict = {}
+    for e in events:
+        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + _self_time(e, cuda)
+    print("by kind: " + ", ".join(f"{k} {v / 1000 / steps:.3f} ms ({100 * v / total:.0f}%)"
+                                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -85,7 +117,6 @@ def main(argv=None) -> int:
         p.error("--batches, --captions, --steps and --repeats must be at least 1")
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from bench.score_speed import _sync, random_blip
     from datacomp_sieve.caption import BlipCaptioner, seeded
@@ -100,7 +131,6 @@ def main(argv=None) -> int:
     s, r = cap.sampler, args.captions
     print(f"device: {torch.cuda.get_device_name(dev) if cuda else 'cpu'}; torch {torch.__version__}; "
           f"{args.model} BLIP, {precision}, {r} captions per image, max_length {s.settings.max_length}")
-    first = None
     with torch.inference_mode():
         for b in batches:
             px = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev, cap.dtype)
@@ -123,35 +153,8 @@ def main(argv=None) -> int:
                 line += f", CUDA graph step {1000 * graph:.2f} ms"
             print(f"{line}; whole loop {whole:.3f} s for {out.shape[1] - loop.first} new tokens: "
                   f"{b / whole:.0f} images/s of decoding alone")
-            if first is None:
-                first = (loop, emb)
-        loop, emb = first
-        loop.load(emb)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            for _ in range(args.steps):
-                loop.pos.fill_(loop.first)
-                loop.step()
-            _sync(dev)
-    from torch.autograd import DeviceType
-
-    # torch's operations (aten::...), each with the device time of the kernels it launched itself;
-    # the kernels are listed as events of their own too, which would count that time twice
-    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and _self_time(e, cuda) > 0]
-    events.sort(key=lambda e: _self_time(e, cuda), reverse=True)
-    total = sum(_self_time(e, cuda) for e in events)
-    where = "device" if cuda else "CPU"
-    print(f"\none eager step of batch {batches[0]}, by operation ({args.steps} steps profiled; own {where} time "
-          f"per step, share of the step's {total / 1000 / args.steps:.2f} ms):")
-    for e in events[:args.top]:
-        t = _self_time(e, cuda)
-        print(f"  {t / 1000 / args.steps:8.3f} ms {100 * t / total:5.1f}%  {e.count // args.steps:4d} calls  "
-              f"[{kind_of(e.key)}] {e.key[:90]}")
-    kinds: dict = {}
-    for e in events:
-        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + _self_time(e, cuda)
-    print("by kind: " + ", ".join(f"{k} {v / 1000 / args.steps:.3f} ms ({100 * v / total:.0f}%)"
-                                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+            if b == batches[0]:  # printed now: a later, larger batch may not finish in time
+                _profile(loop, emb, args.steps, args.top, dev)
     return 0
 
 
