@@ -509,13 +509,15 @@ def _fresh(path: str) -> str:
 
 
 def main(argv=None) -> int:
+    from datacomp_sieve.caption import DECODINGS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", choices=["tiny", "base"], default="tiny")
     p.add_argument("--images", type=int, default=64, help="number of images N (default 64)")
     p.add_argument("--batch_size", type=int, default=None, help="this engine's batch (default: its own, 16 on the CPU, 256 on GPUs)")
     p.add_argument("--num_captions", type=int, default=8)
-    p.add_argument("--decoding", choices=["fast", "graph", "reference"], default=None,
+    p.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="this engine's decoding (default: its own, graph on CUDA and fast on the CPU; reference: "
                         "transformers' generate inside the engine)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,

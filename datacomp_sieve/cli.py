@@ -328,7 +328,9 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                    help="fp32 keeps the reference numerics (default on CPU); fp16 is the default on CUDA")
-    p.add_argument("--decoding", choices=["fast", "graph", "reference"], default=None,
+    from .caption import DECODINGS
+
+    p.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="how BLIP samples: graph (default on GPUs) or fast (default on the CPU) sample from the "
                         "reference's distribution with its settings, sharing each image's work among its captions; "
                         "graph runs each token's step on fixed shapes as a CUDA graph (about twice as fast on a "

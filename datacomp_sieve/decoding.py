@@ -287,7 +287,7 @@ class FastBlipSampler:
             while len(self._loops) >= self.static_loops_kept:
                 self._loops.pop(next(iter(self._loops)))
             loop = _StaticLoop(self, image_embeds, r, sample)
-            if any(k[0][0] > key[0][0] for k in self._loops):
+            if any(kept[0][0] > image_embeds.shape[0] for kept in self._loops):  # batch sizes
                 # a smaller batch than one kept (a shard's last, its size varying from shard to
                 # shard): steps run as they are, the same tokens as a graph's, no capture per size
                 loop.use_graph = False

@@ -696,10 +696,10 @@ class ShardScorer:
             self._ring = None
 
     def score(self, shard, progress=None) -> ShardResult:
-        import torch
-
         if not self.torch_threads:
             return self._score(shard, progress)
+        import torch
+
         threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)
         try:
