@@ -1,12 +1,13 @@
 """Where the decoding step's time goes: per-step times by batch, then the step's operations by device time.
 
-    python bench/decode_profile.py [--device cuda] [--model base] [--batches 256,512,1024] [--steps 8]
+    python bench/decode_profile.py [--device cuda] [--model base] [--batches 256,512,1024] [--steps 8] [--variants]
 
 On a GPU the engine's rate is bound by BLIP's sampling loop (bench/RESULTS.md, 2026-11-28: 0.118 s
 of device time per batch of 256 images x 8 captions, where arithmetic and memory traffic account
 for about a tenth of it). For each batch (images, 8 captions each) of the fixed-shape loop
 (``--decoding graph``, random weights, seed 0) this prints one step's time replayed as a CUDA graph
-and run eagerly, and the images/s of the whole loop at max_length; then torch.profiler over
+and run eagerly, and the images/s of the whole loop at max_length (with ``--variants``, also for
+each of the sampler's speed choices turned the other way); then torch.profiler over
 ``--steps`` eager steps of the first batch: each operation's own device time, largest first, and
 the totals by kind (matrix products, attention, sampling, the rest). On the CPU (as the tests run
 it) every time is the CPU's and there is no graph.
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="eager steps under the profiler (default 8)")
     p.add_argument("--repeats", type=int, default=20, help="steps timed per way and batch (default 20)")
     p.add_argument("--top", type=int, default=25, help="operations listed (default 25)")
+    p.add_argument("--variants", action="store_true",
+                   help="per batch, also the step with each of the sampler's speed choices the other way: "
+                        "sampling on the whole vocabulary in float32 (not candidates first), the LM head not padded")
     args = p.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.score_speed import _sync, random_blip
-    from datacomp_sieve.caption import BlipCaptioner, seeded
+    from datacomp_sieve.caption import BlipCaptioner
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -135,27 +139,43 @@ def main(argv=None) -> int:
         for b in batches:
             px = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev, cap.dtype)
             emb = cap.encode_images(px)
-            s._loops.clear()
-            with seeded(0, dev):
-                s.generate(emb, r)  # allocation (and capture)
-            _sync(dev)
-            t = time.perf_counter()
-            with seeded(1, dev):
-                out = s.generate(emb, r)
-            _sync(dev)
-            whole = time.perf_counter() - t
-            loop = next(iter(s._loops.values()))
-            loop.load(emb)
-            eager = _step_seconds(loop, loop.step, dev, args.repeats)
-            line = f"batch {b} ({b * r} sequences): eager step {1000 * eager:.2f} ms"
-            if loop.graph is not None:
-                graph = _step_seconds(loop, loop.graph.replay, dev, args.repeats)
-                line += f", CUDA graph step {1000 * graph:.2f} ms"
-            print(f"{line}; whole loop {whole:.3f} s for {out.shape[1] - loop.first} new tokens: "
-                  f"{b / whole:.0f} images/s of decoding alone")
-            if b == batches[0]:  # printed now: a later, larger batch may not finish in time
-                _profile(loop, emb, args.steps, args.top, dev)
+            # the sampler's speed choices: its defaults here, then each the other way, then both
+            first = cap.dtype != torch.float32  # FastBlipSampler's defaults (None) on this device
+            multiple = 1 if dev.type == "cpu" else 64
+            ways = [(first, multiple), (not first, multiple), (first, 65 - multiple), (not first, 65 - multiple)]
+            for i, (s.candidates_first, s.vocab_multiple) in enumerate(ways if args.variants else ways[:1]):
+                loop, line = _time_loop(s, emb, r, dev, args.repeats)
+                print(f"batch {b} ({b * r} sequences), {'defaults' if i == 0 else 'other way'}: candidates first "
+                      f"{s.candidates_first}, LM head "
+                      f"{'padded to a multiple of 64' if s.vocab_multiple > 1 else 'not padded'}: {line}")
+                if b == batches[0] and i == 0:  # printed now: a later, larger batch may not finish in time
+                    _profile(loop, emb, args.steps, args.top, dev)
+            s.candidates_first = s.vocab_multiple = None
     return 0
+
+
+def _time_loop(s, emb, r: int, dev, repeats: int):
+    """(the loop, a line of figures): one step eagerly and as a CUDA graph, and the whole loop."""
+    from bench.score_speed import _sync
+    from datacomp_sieve.caption import seeded
+
+    b = emb.shape[0]
+    s._loops.clear()
+    with seeded(0, dev):
+        s.generate(emb, r)  # allocation (and capture)
+    _sync(dev)
+    t = time.perf_counter()
+    with seeded(1, dev):
+        out = s.generate(emb, r)
+    _sync(dev)
+    whole = time.perf_counter() - t
+    loop = next(iter(s._loops.values()))
+    loop.load(emb)
+    line = f"eager step {1000 * _step_seconds(loop, loop.step, dev, repeats):.2f} ms"
+    if loop.graph is not None:
+        line += f", CUDA graph step {1000 * _step_seconds(loop, loop.graph.replay, dev, repeats):.2f} ms"
+    return loop, (f"{line}; whole loop {whole:.3f} s for {out.shape[1] - loop.first} new tokens: "
+                  f"{b / whole:.0f} images/s of decoding alone")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ defaults differ (fused attention, half precision):
 - BLIP-base size, random weights, fp16 and bf16: the share of greedy tokens equal to transformers'
   greedy tokens in the same precision (rounding may flip near-ties, so this is a figure, not a
   pass/fail), and sampled captions are deterministic per seed;
+- the sampler's candidates taken from half-precision logits first (its GPU default) against the
+  whole vocabulary made float32: the same probabilities;
 - the decoding step as a CUDA graph (``FastBlipSampler.cuda_graphs``): tiny fp32 greedy tokens
   equal transformers' exactly; at BLIP-base size in fp16, sampling is deterministic per seed, and
   the time to decode one batch (256 images x 8 captions, 16 new tokens each) with growing shapes,
@@ -374,6 +376,36 @@ def _half_precision(device) -> bool:
     return ok
 
 
+def _candidates_first(device) -> bool:
+    """The sampler's candidates from half-precision logits on the device (top-k first, the penalties
+    on those only: the default there) against the whole vocabulary made float32 and penalised: the
+    same probabilities, every token above the lowest kept one the same (half-precision logits tie,
+    and which tokens tied with the 50th are kept may differ)."""
+    import math
+
+    import torch
+
+    from datacomp_sieve.caption import GenerationSettings
+    from datacomp_sieve.decoding import FastBlipSampler
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2048, 30524, generator=g) + 10.0).to(device, torch.float16)
+    seen = logits.float().topk(19).indices
+    seen = torch.cat([seen, torch.full_like(seen[:, :1], 102)], 1)
+    got = []
+    for first in (True, False):
+        s = FastBlipSampler.__new__(FastBlipSampler)
+        s.settings, s.sep_id, s.candidates_first = GenerationSettings(), 102, first
+        got.append(s.candidates(logits.clone(), seen, torch.tensor([9], device=device)))
+    (pa, ia), (pb, ib) = got
+    low = torch.where(pb > 0, pb, math.inf).min(1, keepdim=True).values
+    da, db = (torch.zeros(logits.shape, device=device).scatter_(1, i, p) for p, i in got)
+    same = torch.equal(pa, pb) and torch.equal(da * (da > low), db * (db > low))
+    print(f"candidates first from fp16 logits (2048 rows): {'EQUAL' if same else 'DIFFERENT'} to the whole "
+          f"vocabulary's; same order {torch.equal(ia, ib)}")
+    return same
+
+
 def _guarded(check, *args) -> bool:
     """Run one check; an exception prints its traceback and counts as a failure (the others still run)."""
     import traceback
@@ -395,8 +427,8 @@ def main(argv=None) -> int:
     if args.graph_only:
         return 0 if _guarded(_graph_timing, args.device, args.graph_images) else 1
     ok = True
-    for check in (_tiny_greedy, _gpu_normalize, _device_resize, _vision_timing, _text_split, _engine,
-                  _half_precision):
+    for check in (_tiny_greedy, _candidates_first, _gpu_normalize, _device_resize, _vision_timing, _text_split,
+                  _engine, _half_precision):
         ok &= _guarded(check, args.device)
     ok &= _guarded(_graph_timing, args.device, args.graph_images)
     ok &= _guarded(_failed_capture, args.device)

@@ -365,7 +365,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-SWEEP_FLAGS = "gcmstTi"  # what a --sweep item may end in (see --help)
+SWEEP_FLAGS = "gcmstTib"  # what a --sweep item may end in (see --help)
 
 
 def parse_sweep(text: str) -> list:
@@ -549,8 +549,9 @@ def main(argv=None) -> int:
                         "(each batch captioned on this thread, not on one of its own while the next is read), t "
                         "(torch's CPU thread pool in this process cut to one thread, the GPU default), T (one thread "
                         "per core, as before 2026-11-28 in this process; its children keep one each), "
-                        "i (each batch moved to the GPU and prepared on a CUDA stream of its own), "
-                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt,256x12x3gi")
+                        "i (each batch moved to the GPU and prepared on a CUDA stream of its own), b (one text-encoder "
+                        "forward for all of a batch's texts, not forwards of 256), "
+                        "e.g. 256,512x14,256x12x3,256x12x3g,256x12x3gc,256x12x3gm,256x12x3gs,256x12x3gt,256x12x3gi,256gb")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be at least 1")
@@ -561,7 +562,7 @@ def main(argv=None) -> int:
     try:
         sweep = parse_sweep(args.sweep)
     except ValueError:
-        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t|T][i] items, got {args.sweep!r}")
+        p.error(f"--sweep: give BATCH[xWORKERS[xTEXT]][g][c][m][s][t|T][i][b] items, got {args.sweep!r}")
 
     import logging
 
@@ -784,6 +785,7 @@ def main(argv=None) -> int:
         sampler = getattr(scorer.captioner, "sampler", None)
         prev_batch = config.batch_size
         default_threads = scorer.torch_threads
+        default_text_batch = scorer.text.batch_size
         for item, flags in sweep:
             graphs = "g" in flags
             # t: one thread for this process's CPU-side torch work (the GPU default), T: one per core
@@ -796,15 +798,18 @@ def main(argv=None) -> int:
                 workers = item[1] if len(item) > 1 else default_workers
                 text = item[2] if len(item) > 2 else default_text
                 resize = False if "c" in flags else None
-                setting = (workers, text, resize, "m" in flags)
+                # b: one text-encoder forward for all of a batch's texts (images x (captions + 1))
+                text_batch = batch * (config.num_captions + 1) if "b" in flags else default_text_batch
+                setting = (workers, text, resize, "m" in flags, text_batch)
                 changed = False
                 # another batch: the processes and the crop ring start again, the ring sized for it
                 # (4 batches read ahead; the ring of a smaller batch sends the rest through pipes)
                 if batch != prev_batch or setting != (scorer.decode_workers, scorer.text_workers,
-                                                      scorer.resize_on_device, scorer.text_model_in_workers):
+                                                      scorer.resize_on_device, scorer.text_model_in_workers,
+                                                      scorer.text.batch_size):
                     scorer.close()
                     (scorer.decode_workers, scorer.text_workers, scorer.resize_on_device,
-                     scorer.text_model_in_workers) = setting
+                     scorer.text_model_in_workers, scorer.text.batch_size) = setting
                     changed = True
                 if sampler is not None and sampler.cuda_graphs != graphs:
                     sampler.cuda_graphs = graphs
@@ -817,7 +822,8 @@ def main(argv=None) -> int:
                 print(f"sweep: batch {batch}, torch threads {scorer.torch_threads or torch.get_num_threads()}, "
                       f"decode workers {workers} "
                       f"(image decoding: {scorer.image_decoding()}), "
-                      f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, CUDA graphs "
+                      f"text workers {text}{' (with the encoder)' if text and scorer._text_model_there() else ''}, "
+                      f"text batch {scorer.text.batch_size}, CUDA graphs "
                       f"{bool(sampler is not None and sampler.cuda_graphs)}, captioning thread "
                       f"{scorer.overlap_captioning}, input stream {scorer._input_stream() is not None}: "
                       f"fast {s_rate:.2f} img/s "
@@ -839,6 +845,7 @@ def main(argv=None) -> int:
         scorer.decode_workers, scorer.text_workers, scorer.resize_on_device = default_workers, default_text, None
         scorer.text_model_in_workers, scorer.overlap_captioning = False, default_overlap
         scorer.input_stream = False
+        scorer.text.batch_size = default_text_batch
         if sampler is not None:
             sampler.cuda_graphs = config.decoding == "graph"
     if rounds > 1:

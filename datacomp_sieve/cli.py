@@ -73,6 +73,8 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=None,
                    help="images per captioning call when scoring through --shards_dir (default 16 on the "
                         "CPU, as the reference; 256 on GPUs)")
+    p.add_argument("--text_batch_size", type=int, default=None,
+                   help="sentences per forward of the text encoder when scoring (default 256, as the reference)")
     p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
                    help="DataComp's image_based baselines are not part of this tool; use DataComp's baselines.py")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -340,6 +342,10 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
     if with_batch:
         p.add_argument("--batch_size", type=int, default=None,
                        help="images per captioning call (default 16 on the CPU, as the reference; 256 on GPUs)")
+        p.add_argument("--text_batch_size", type=int, default=None,
+                       help="sentences per forward of the text encoder (default 256, as the reference); the texts "
+                            "of a captioning call (images x (captions + 1)) are embedded in forwards of at most this "
+                            "many, longest first. The embeddings differ from the default's by float rounding only")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); each shard draws from its own "
                    "stream" if store else "random seed of the sampled captions (default 0)")
     if store:
@@ -380,7 +386,7 @@ def _score_config(args: argparse.Namespace):
     return ScoreConfig(captioner=args.captioner, text_encoder=args.text_encoder, num_captions=args.num_captions,
                        masking=args.masking, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                        device=args.device, precision=args.precision, decoding=args.decoding,
-                       batch_size=args.batch_size,
+                       batch_size=args.batch_size, text_batch_size=getattr(args, "text_batch_size", None),
                        seed=args.seed)
 
 

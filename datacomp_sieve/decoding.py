@@ -11,6 +11,11 @@ prompt, [SEP] ends a row, [PAD] after it) and differs only in how the numbers ar
 - keys and values of generated tokens go into a cache allocated once, written in place;
 - top-p and the draw work on the 50 candidates top-k keeps (every other token has probability 0
   there), so sorting, softmax and sampling cost 50 entries per row instead of the vocabulary;
+- those candidates come from the model's own logits (half precision on GPUs): the repetition
+  penalty (1.1; any at least 1) and the min-length ban only lower logits, of at most L + 1 tokens (the row's L tokens
+  and [SEP]), so the top 50 after them are among the top 50 + L + 1 before; only those are made
+  float32 and penalised (the same float32 numbers as penalising the whole vocabulary), not the
+  (rows, vocabulary) logits (``candidates_first``);
 - images whose r rows have all ended leave the batch (when a quarter of it has), and the loop
   stops as soon as every row has ended.
 
@@ -109,15 +114,26 @@ class FastBlipSampler:
     #: no draw happens inside the graph); above this many candidates per row (top-k off or large)
     #: that is too much memory, and ``cuda_graphs`` is ignored
     static_max_candidates = 1024
+    #: top-k on the model's logits first, the penalties on those candidates only (module docstring);
+    #: False: the whole vocabulary's logits made float32 and penalised, then top-k (the same
+    #: numbers); None: first where the logits are half precision (on the CPU's float32 logits the
+    #: whole-vocabulary way is as fast, measured)
+    candidates_first: bool | None = None
+    #: the LM head's output padded with never-chosen columns to a multiple of this many tokens
+    #: (GPU matrix units want aligned shapes; BLIP's vocabulary is 30,524); 1: not padded; None:
+    #: 64 on GPUs, 1 on the CPU
+    vocab_multiple: int | None = None
 
     def __init__(self, text_decoder, settings, prompt_ids, sep_id: int, pad_id: int):
         self.lm = text_decoder
         self.bert = text_decoder.bert
         self.heads = text_decoder.config.num_attention_heads
+        self.vocab = text_decoder.config.vocab_size
         self.settings = settings
         self.prompt_ids = prompt_ids
         self.sep_id, self.pad_id = sep_id, pad_id
         self._loops: dict = {}
+        self._head = None  # (key, padded weight, padded bias) for vocab_multiple
 
     # -- the decoder ---------------------------------------------------------------------------
 
@@ -171,22 +187,66 @@ class FastBlipSampler:
 
     def _prompt(self, b: int, cross, cache, r: int):
         """The prompt through every layer once per image (its keys/values copied into the cache's
-        r rows per image): float32 logits of the first new token, (B*r, V)."""
+        r rows per image): the logits of the first new token, (B*r, V) (``_logits``)."""
         prompt = self.prompt_ids.to(cross[0][0].device)
         x = self._layers(self._embed(prompt[None].expand(b, prompt.shape[0]), 0), cross, cache, 0, r)
-        return self.lm.cls(x[:, -1]).float().repeat_interleave(r, 0)
+        return self._logits(x[:, -1]).repeat_interleave(r, 0)
+
+    def _logits(self, h):
+        """The LM head on hidden states (N, D): logits (N, V) in the model's dtype; with
+        ``vocab_multiple`` > 1, (N, V') with V' the next multiple, the added columns -inf (their
+        weights zero, their bias -inf: never a candidate)."""
+        import torch
+
+        m = self.vocab_multiple
+        if m is None:
+            m = 1 if h.device.type == "cpu" else 64
+        if m <= 1 or self.vocab % m == 0:
+            return self.lm.cls(h)
+        pred = self.lm.cls.predictions
+        dec = pred.decoder
+        bias = dec.bias if dec.bias is not None else pred.bias
+        # the model's tensors, as they are now (weights changed in place make a new copy)
+        key = (dec.weight.data_ptr(), dec.weight._version, bias.data_ptr(), bias._version, dec.weight.dtype, m)
+        if self._head is None or self._head[0] != key:
+            width = -(-self.vocab // m) * m
+            w = dec.weight.new_zeros(width, dec.weight.shape[1])
+            w[:self.vocab] = dec.weight
+            b = dec.weight.new_full((width,), -math.inf)
+            b[:self.vocab] = bias
+            self._head = (key, w, b)
+        return torch.nn.functional.linear(pred.transform(h), self._head[1], self._head[2])
 
     # -- the sampling ---------------------------------------------------------------------------
 
     def candidates(self, logits, seen, cur_len: int):
-        """The reference's logits processing on float32 logits (N, V) of rows whose tokens so far
-        are ``seen``: (probabilities (N, k), token ids (N, k)) of the top-k candidates after
-        repetition penalty, min length, temperature and top-p; the other tokens have probability 0."""
+        """The reference's logits processing on logits (N, V) (any float dtype; the work is
+        float32) of rows whose tokens so far are ``seen``: (probabilities (N, k), token ids (N, k))
+        of the top-k candidates after repetition penalty, min length, temperature and top-p; the
+        other tokens have probability 0."""
+        import torch
+
         s = self.settings
-        logits = self._penalised(logits, seen, cur_len)
-        if s.temperature != 1.0:
-            logits = logits / s.temperature
-        vals, idx = logits.topk(self._width(logits.shape[-1]))  # descending
+        vocab = getattr(self, "vocab", None) or logits.shape[-1]
+        width = self._width(vocab)
+        more = width + seen.shape[1] + 1  # enough candidates: the penalties lower at most L + 1 tokens
+        first = self.candidates_first if self.candidates_first is not None else logits.dtype != torch.float32
+        if first and s.top_k and more < vocab and s.repetition_penalty >= 1:  # (below 1 it raises logits)
+            vals, idx = logits.topk(more)
+            vals = vals.float()
+            hit = (idx[:, :, None] == seen[:, None, :]).any(-1)
+            vals = torch.where(hit, torch.where(vals < 0, vals * s.repetition_penalty, vals / s.repetition_penalty),
+                               vals)
+            self._ban_sep(vals, idx == self.sep_id, cur_len)
+            if s.temperature != 1.0:
+                vals = vals / s.temperature
+            vals, at = vals.topk(width)  # descending
+            idx = idx.gather(1, at)
+        else:
+            logits = self._penalised(logits[:, :vocab].float(), seen, cur_len)
+            if s.temperature != 1.0:
+                logits = logits / s.temperature
+            vals, idx = logits.topk(width)  # descending
         # top-p as transformers does it: ascending cumulative probabilities, drop those <= 1 - top_p,
         # always keep the most probable token
         cum = vals.flip(-1).softmax(-1).cumsum(-1)
@@ -202,11 +262,21 @@ class FastBlipSampler:
         s = self.settings
         score = logits.gather(1, seen)
         logits.scatter_(1, seen, torch.where(score < 0, score * s.repetition_penalty, score / s.repetition_penalty))
-        if not isinstance(cur_len, int):
-            logits[:, self.sep_id].masked_fill_(cur_len < s.min_length, -math.inf)
-        elif cur_len < s.min_length:
-            logits[:, self.sep_id] = -math.inf
+        self._ban_sep(logits[:, self.sep_id], None, cur_len)
         return logits
+
+    def _ban_sep(self, values, where, cur_len) -> None:
+        """[SEP]'s logits (``where`` marks them in ``values``; None: all of ``values``) set to -inf
+        below min_length, in place; ``cur_len`` an int, or a 1-element tensor (a masked write, no
+        branch on the host)."""
+        below = self.settings.min_length
+        if isinstance(cur_len, int):
+            if cur_len < below and where is None:
+                values.fill_(-math.inf)
+            elif cur_len < below:
+                values.masked_fill_(where, -math.inf)
+        else:
+            values.masked_fill_(cur_len < below if where is None else where & (cur_len < below), -math.inf)
 
     def _width(self, vocab: int) -> int:
         """How many candidates ``candidates`` returns per row."""
@@ -220,7 +290,8 @@ class FastBlipSampler:
         import torch
 
         if not sample:
-            return self._penalised(logits, seen, cur_len).argmax(-1)
+            vocab = getattr(self, "vocab", None) or logits.shape[-1]
+            return self._penalised(logits[:, :vocab].float(), seen, cur_len).argmax(-1)
         probs, idx = self.candidates(logits, seen, cur_len)
         q = torch.empty_like(probs).exponential_() if noise is None else noise
         return idx.gather(1, (probs / q).argmax(-1, keepdim=True)).squeeze(1)
@@ -271,7 +342,7 @@ class FastBlipSampler:
                 cache = [(k[keep_rows], v[keep_rows]) for k, v in cache]
                 ids, running, nxt = ids[keep_rows], running[keep_rows], nxt[keep_rows]
             x = self._layers(self._embed(nxt[:, None], cur), cross, cache, cur, r)
-            logits = self.lm.cls(x[:, -1]).float()
+            logits = self._logits(x[:, -1])
         return out
 
     # -- fixed shapes, CUDA graphs ----------------------------------------------------------------
@@ -370,7 +441,7 @@ class _StaticLoop:
         x = s._layers(s._embed(self.seen.index_select(1, self.pos), self.pos), self.cross, self.cache, self.pos,
                       self.r, valid=(self.slots <= self.pos)[None])
         self.pos += 1
-        self._sample(s.lm.cls(x[:, -1]).float())
+        self._sample(s._logits(x[:, -1]))
 
     def _capture(self):
         """Record ``step`` as a CUDA graph, after two warm-up steps on a side stream (as CUDA graphs

@@ -43,6 +43,7 @@ class ScoreConfig:
     precision: str | None = None
     decoding: str | None = None  # graph on GPUs (caption.DECODINGS), fast on the CPU
     batch_size: int | None = None  # 16 on the CPU (the reference's), GPU_BATCH_SIZE on GPUs
+    text_batch_size: int | None = None  # sentences per text-encoder forward; None: 256, the reference's
     seed: int = 0
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
 
@@ -74,6 +75,8 @@ class ScoreConfig:
         batch_size = batch_size if self.batch_size is None else self.batch_size
         if batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+        if self.text_batch_size is not None and self.text_batch_size < 1:
+            raise UserError(f"--text_batch_size must be at least 1, got {self.text_batch_size}")
         return ScoreConfig(**{**asdict(self), "device": device, "precision": precision, "decoding": decoding,
                               "batch_size": batch_size})
 
@@ -83,6 +86,10 @@ class ScoreConfig:
         The batch size is one: random draws are consumed per generate call.
         """
         return asdict(self)
+
+
+#: sentences per text-encoder forward by default: the reference's (sentence-transformers' default)
+TEXT_BATCH_SIZE = 256
 
 
 def shard_seed(seed: int, stem: str) -> int:
@@ -396,7 +403,8 @@ class ShardScorer:
         self.on_gpu = on_gpu = str(cfg.device).startswith("cuda")
         # on a GPU the sentence encoder runs in the captioner's half precision
         self.text_precision = cfg.precision if on_gpu else "fp32"
-        self.text = TextEncoder(cfg.text_encoder, device=cfg.device, precision=self.text_precision)
+        self.text = TextEncoder(cfg.text_encoder, device=cfg.device, precision=self.text_precision,
+                                batch_size=cfg.text_batch_size or TEXT_BATCH_SIZE)
         #: On a GPU, images are decoded ahead of the models (in the main process, decoding would
         #: starve the GPU): in ``decode_workers`` processes where the captioner's transform allows
         #: (uint8 crops come back and are normalised on the GPU), else in ``decode_threads``

@@ -82,21 +82,24 @@ def test_gpu_check_runs_what_a_cpu_can(capsys):
     are for GPUs), pass here: the instrument for the next GPU session does not rot."""
     from bench import gpu_check
 
-    for check, args in ((gpu_check._tiny_greedy, ()), (gpu_check._gpu_normalize, ()),
+    for check, args in ((gpu_check._tiny_greedy, ()), (gpu_check._candidates_first, ()), (gpu_check._gpu_normalize, ()),
                         (gpu_check._device_resize, (2,)), (gpu_check._text_split, (2,)), (gpu_check._engine, (8,))):
         assert check("cpu", *args), check.__name__
     out = capsys.readouterr().out
     assert out.count("EQUAL to transformers") == 4 and "EQUAL to Pillow's" in out
-    assert "embedded here EQUAL to encode: True" in out
+    assert "embedded here EQUAL to encode: True" in out and "EQUAL to the whole vocabulary's" in out
     assert out.count("store EQUAL to the in-line one: True") == 2 and "images processes (2" in out
 
 
 def test_decode_profile_runs_on_the_cpu():
     out = _run("decode_profile.py", "--device", "cpu", "--model", "tiny", "--batches", "2,4", "--steps", "2",
-               "--repeats", "2", "--top", "5")
-    steps = re.findall(r"^batch (\d+) \((\d+) sequences\): eager step [\d.]+ ms; whole loop [\d.]+ s for 16 new "
-                       r"tokens: \d+ images/s of decoding alone$", out, re.M)
-    assert steps == [("2", "16"), ("4", "32")]  # no graph on the CPU
+               "--repeats", "2", "--top", "5", "--variants")
+    steps = re.findall(r"^batch (\d+) \((\d+) sequences\), (defaults|other way): candidates first (\w+), LM head "
+                       r"(not padded|padded to a multiple of 64): eager step [\d.]+ ms; whole loop [\d.]+ s for 16 "
+                       r"new tokens: \d+ images/s of decoding alone$", out, re.M)
+    ways = [("defaults", "False", "not padded"), ("other way", "True", "not padded"),
+            ("other way", "False", "padded to a multiple of 64"), ("other way", "True", "padded to a multiple of 64")]
+    assert steps == [(b, n) + w for b, n in (("2", "16"), ("4", "32")) for w in ways]  # no graph on the CPU
     ops = re.findall(r"^ +[\d.]+ ms +[\d.]+% +\d+ calls  \[(.+?)\] (\S+)", out, re.M)
     assert len(ops) == 5 and ("matrix products", "aten::addmm") in ops
     shares = re.search(r"^by kind: (.*)$", out, re.M).group(1)

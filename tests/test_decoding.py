@@ -152,6 +152,67 @@ def test_candidate_probabilities_equal_the_reference_processing(scale):
         assert ((want > 0).sum(1) < 50).any()  # top-p cut some candidates: the test sees it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_candidates_first_are_the_whole_vocabularys_candidates(dtype):
+    """Top-k on the model's logits first, then the penalties on those candidates only, gives the
+    whole-vocabulary processing's numbers: rows whose seen tokens are their most likely ones (the
+    penalty reorders the top), [SEP] on top below min_length, a temperature, the position as an
+    int and as a device tensor (the fixed-shape loop's), half-precision logits (a GPU's: their ties
+    may come in another order)."""
+    s = GenerationSettings(temperature=0.7)
+    g = torch.Generator().manual_seed(5)
+    # close logits (the penalty moves seen tokens below unseen ones), positive and negative rows
+    logits = (torch.randn(64, 30524, generator=g) + torch.tensor([10.0, -10.0]).repeat(32)[:, None]).to(dtype)
+    top = logits.float().topk(30).indices
+    seen = torch.cat([top[:, :19], torch.full((64, 1), SEP)], 1)  # a row's 20 tokens, its best 19 among them
+    logits[:8, SEP] = 40.0  # [SEP] the best token of 8 rows
+    logits[32:40, SEP] = 0.0
+    moved = 0
+    for cur_len in (4, 9, torch.tensor([4]), torch.tensor([9])):
+        got, want = [], []
+        for first, out in ((True, got), (False, want)):
+            sampler = FastBlipSampler.__new__(FastBlipSampler)
+            sampler.settings, sampler.sep_id, sampler.candidates_first = s, SEP, first
+            out.extend(sampler.candidates(logits.clone(), seen, cur_len))
+        assert torch.equal(got[0], want[0])  # the probabilities, in order
+        if dtype == torch.float32:
+            assert torch.equal(got[1], want[1])
+        else:  # half-precision logits tie often: tied candidates may come in another order, and
+            # which of those tied with the 50th is kept may differ (either way exactly 50 are kept)
+            low = torch.where(want[0] > 0, want[0], math.inf).min(1, keepdim=True).values
+            dense = [torch.zeros(64, 30524).scatter_(1, idx, probs) for probs, idx in (got, want)]
+            assert torch.equal(*(d * (d > low) for d in dense))  # every token above the lowest kept
+        raw = logits.float().topk(50).indices  # before the penalties
+        moved += int((want[1][:, :, None] != raw[:, None, :]).all(-1).any(-1).sum())
+    assert moved > 100  # candidates from beyond the top 50 before the penalties: the test sees them
+
+
+def test_the_padded_lm_head_samples_what_the_head_samples(pixels):
+    """``vocab_multiple``: the LM head's output padded to a multiple of 64 columns, -inf beyond the
+    vocabulary; both loops sample the same tokens as with the model's own head."""
+    cap = _focused(build_captioner("tiny", device="cpu"))
+    h = torch.randn(5, cap.model.text_decoder.config.hidden_size)
+    with torch.inference_mode():
+        want = cap.model.text_decoder.cls(h)
+        cap.sampler.vocab_multiple = 64
+        got = cap.sampler._logits(h)
+    assert got.shape == (5, 30528) and torch.isinf(got[:, 30524:]).all() and (got[:, 30524:] < 0).all()
+    assert torch.allclose(got[:, :30524], want, atol=1e-5)
+    for graphs in (False, True):
+        cap.sampler.cuda_graphs = graphs
+        cap.sampler.vocab_multiple = 1
+        plain = _samples(cap, pixels[:4], 6, seed=2)
+        cap.sampler.vocab_multiple = 64
+        assert torch.equal(_samples(cap, pixels[:4], 6, seed=2), plain)
+        cap.sampler.candidates_first = True  # on the padded logits
+        assert torch.equal(_samples(cap, pixels[:4], 6, seed=2), plain)
+        cap.sampler.candidates_first = None
+    with torch.no_grad():  # the model's weights changed in place: the padded copy follows
+        cap.model.text_decoder.cls.predictions.bias[7] = 1e4
+    with torch.inference_mode():
+        assert (cap.sampler._logits(h)[:, :30524].argmax(-1) == 7).all()
+
+
 def _samples(cap, pixels, r, seed):
     torch.manual_seed(seed)
     with torch.inference_mode():

@@ -4,6 +4,7 @@ several jobs sharing one store (``score --part``)."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -98,6 +99,28 @@ def test_same_seed_same_scores_and_config_guard(toy_pool, store, scorer, tmp_pat
         score_pool(str(toy_pool / "shards"), str(again), label_config(num_captions=4), progress=False)
 
 
+def test_the_text_batch_size_changes_scores_by_rounding_only(toy_pool, store, scorer, tmp_path):
+    """--text_batch_size: the encoder's forwards take that many sentences; the store records it
+    (a store made without it, as before the setting existed, still resumes at the default); the
+    scores equal the default's to float32 rounding, the captions exactly."""
+    assert scorer.text.batch_size == 256
+    out = tmp_path / "small"
+    cfg = label_config(text_batch_size=5)
+    m = score_pool(str(toy_pool / "shards"), str(out), cfg, progress=False, scorer=ShardScorer(cfg))
+    assert m["config"]["text_batch_size"] == 5
+    a, b = read(store), read(out)
+    assert [r["captions"] for r in a] == [r["captions"] for r in b] and len(a) > 20
+    assert np.allclose([r["sieve_score"] for r in a], [r["sieve_score"] for r in b], atol=1e-5)
+    config = json.loads((Path(store) / "config.json").read_text())
+    assert config["config"]["text_batch_size"] is None
+    del config["config"]["text_batch_size"]
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    (old / "config.json").write_text(json.dumps(config))
+    m = score_pool(str(toy_pool / "shards"), str(old), label_config(), progress=False, scorer=scorer)
+    assert m["rows"] == len(a)
+
+
 def test_score_flag_errors_are_one_line(toy_pool, tmp_path, capsys):
     (tmp_path / "fake.pth").write_text("a text file, not a checkpoint")
     (tmp_path / "file").write_text("x")
@@ -105,6 +128,7 @@ def test_score_flag_errors_are_one_line(toy_pool, tmp_path, capsys):
     for extra, message in [
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cpu", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--device", "cpu", "--text_batch_size", "0"], "--text_batch_size must be at least 1, got 0"),
         (["--device", "cpu", "--max_retries", "-1"], "--max_retries must be 0 or more, got -1"),
         (["--device", "cpu", "--captioner", str(tmp_path / "fake.pth")], "is not a readable torch checkpoint"),
         (["--scores_dir", str(tmp_path / "file")], "is a file, not a folder"),
