@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bench.score_speed import _sync, random_blip
+    from bench.score_speed import random_blip
     from datacomp_sieve.caption import BlipCaptioner
 
     dev = torch.device(args.device)
