@@ -53,7 +53,7 @@ def _self_time(event, on_device: bool) -> float:
 
 
 def _step_seconds(loop, run, device, n: int) -> float:
-    """Seconds per call of ``run`` (one step from the first sampled position each time)."""
+    """Seconds per call of ``run`` (steps from the first sampled position each time)."""
     from bench.score_speed import _sync
 
     for _ in range(2):
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25, help="operations listed (default 25)")
     p.add_argument("--variants", action="store_true",
                    help="per batch, also the step with each of the sampler's speed choices the other way: "
-                        "sampling on the whole vocabulary in float32 (not candidates first), the LM head not padded")
+                        "candidates first or not (sampling on the whole vocabulary in float32), the LM head padded "
+                        "or not, a CUDA graph of every step of a batch or of one step")
     args = p.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -139,18 +140,21 @@ def main(argv=None) -> int:
         for b in batches:
             px = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev, cap.dtype)
             emb = cap.encode_images(px)
-            # the sampler's speed choices: its defaults here, then each the other way, then both
+            # the sampler's speed choices: its defaults here, then each the other way
             first = cap.dtype != torch.float32  # FastBlipSampler's defaults (None) on this device
             multiple = 1 if dev.type == "cpu" else 64
-            ways = [(first, multiple), (not first, multiple), (first, 65 - multiple), (not first, 65 - multiple)]
-            for i, (s.candidates_first, s.vocab_multiple) in enumerate(ways if args.variants else ways[:1]):
+            ways = [(first, multiple, True), (not first, multiple, True), (first, 65 - multiple, True),
+                    (first, multiple, False)]
+            for i, way in enumerate(ways if args.variants else ways[:1]):
+                s.candidates_first, s.vocab_multiple, s.graph_whole_loop = way
                 loop, line = _time_loop(s, emb, r, dev, args.repeats)
-                print(f"batch {b} ({b * r} sequences), {'defaults' if i == 0 else 'other way'}: candidates first "
-                      f"{s.candidates_first}, LM head "
-                      f"{'padded to a multiple of 64' if s.vocab_multiple > 1 else 'not padded'}: {line}")
+                print(f"batch {b} ({b * r} sequences), {'defaults' if i == 0 else 'one other way'}: candidates "
+                      f"first {way[0]}, LM head {'padded to a multiple of 64' if way[1] > 1 else 'not padded'}, "
+                      f"graph of {'every step' if way[2] else 'one step'}: {line}")
                 if b == batches[0] and i == 0:  # printed now: a later, larger batch may not finish in time
                     _profile(loop, emb, args.steps, args.top, dev)
             s.candidates_first = s.vocab_multiple = None
+            s.graph_whole_loop = True
     return 0
 
 
@@ -172,8 +176,9 @@ def _time_loop(s, emb, r: int, dev, repeats: int):
     loop = next(iter(s._loops.values()))
     loop.load(emb)
     line = f"eager step {1000 * _step_seconds(loop, loop.step, dev, repeats):.2f} ms"
-    if loop.graph is not None:
-        line += f", CUDA graph step {1000 * _step_seconds(loop, loop.graph.replay, dev, repeats):.2f} ms"
+    if loop.graph is not None:  # a replay runs one step, or all of them
+        step = _step_seconds(loop, loop.graph.replay, dev, repeats) / loop.replay_steps
+        line += f", CUDA graph step {1000 * step:.2f} ms"
     return loop, (f"{line}; whole loop {whole:.3f} s for {out.shape[1] - loop.first} new tokens: "
                   f"{b / whole:.0f} images/s of decoding alone")
 

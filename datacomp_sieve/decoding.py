@@ -21,9 +21,10 @@ prompt, [SEP] ends a row, [PAD] after it) and differs only in how the numbers ar
 
 With ``cuda_graphs`` set, the per-token step instead runs on buffers of fixed shape (``_StaticLoop``:
 no compaction, self-attention over the whole cache with the slots not yet written masked out,
-positions and lengths as device tensors), so that on a GPU it is captured once as a CUDA graph
-and replayed, one launch per token instead of hundreds of kernel launches from Python; on the CPU
-the same step runs as it is (what the tests check).
+positions and lengths as device tensors), so that on a GPU a batch's steps are captured once as
+a CUDA graph and replayed, one launch per batch instead of hundreds of kernel launches from Python
+per token, and no wait of the host between tokens; on the CPU the same steps run as they are
+(what the tests check).
 
 The random draws are consumed differently (one draw over 50 candidates per row and step),
 so captions for a seed differ from the reference path's; their distribution does not. With
@@ -110,6 +111,11 @@ class FastBlipSampler:
     cuda_graphs: bool = False
     #: how many fixed-shape loops (and graphs) are kept, the most recently used
     static_loops_kept = 2
+    #: a CUDA graph holds every step of a batch, replayed once per batch, the host waiting only for
+    #: the end (False: one step per replay, the host checking after each whether a row is still
+    #: running, and stopping when none is; on real captions one of a batch's thousands of rows
+    #: nearly always runs to max_length, so the steps after all have ended are rarely any)
+    graph_whole_loop: bool = True
     #: the fixed-shape loop draws its random numbers for every step of a batch beforehand (so that
     #: no draw happens inside the graph); above this many candidates per row (top-k off or large)
     #: that is too much memory, and ``cuda_graphs`` is ignored
@@ -375,8 +381,11 @@ class _StaticLoop:
     tokens as the growing rows of ``generate``), which rows are still running, and the position
     (a device tensor); the random numbers of all steps are drawn when a batch is loaded. ``step``
     runs the layers on the last token, then samples the next one; it reads and writes nothing else
-    and draws nothing, so a CUDA graph of it can be replayed once per token. After each step the
-    host reads whether any row is still running, as ``generate`` does."""
+    and draws nothing, so a CUDA graph of it can be replayed. The graph holds every step of a
+    batch (``FastBlipSampler.graph_whole_loop``): one replay per batch, the rows' length (where
+    ``generate`` would have stopped) kept on the device and read once at the end; otherwise it
+    holds one step, and after each the host reads whether any row is still running, as
+    ``generate`` does."""
 
     #: replay the step as a CUDA graph (None: on CUDA devices)
     use_graph: bool | None = None
@@ -385,6 +394,7 @@ class _StaticLoop:
         import torch
 
         self.s, self.r, self.sample = sampler, r, sample
+        self.whole = sampler.graph_whole_loop
         dev = image_embeds.device
         b, patches, _ = image_embeds.shape
         n, heads = b * r, sampler.heads
@@ -399,8 +409,13 @@ class _StaticLoop:
         self.seen = torch.zeros(n, length, dtype=torch.long, device=dev)
         self.running = torch.ones(n, dtype=torch.bool, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        # the length of the rows returned: one past the position after which no row was running
+        # (max_length if one always was), kept on the device step by step
+        self.stop = torch.zeros(1, dtype=torch.long, device=dev)
         self.slots = torch.arange(length, device=dev)
         self.first = sampler.prompt_ids.shape[0]  # the first sampled position
+        #: steps one replay of the graph runs: all of a batch's, or one
+        self.replay_steps = max(length - 1 - self.first, 1) if self.whole else 1
         # the random numbers of every step, drawn in ``load``: the same numbers, in the same order,
         # as the growing-shape loop draws step by step (on the CPU; tested)
         width = sampler._width(sampler.lm.config.vocab_size)
@@ -421,6 +436,7 @@ class _StaticLoop:
         self.seen[:, :p] = prompt
         self.running.fill_(True)
         self.pos.fill_(p)
+        self.stop.fill_(s.settings.max_length)
         if self.noise is not None:
             self.noise.exponential_()
         self._sample(logits)
@@ -435,6 +451,8 @@ class _StaticLoop:
         nxt = torch.where(self.running, nxt, s.pad_id)
         self.seen.index_copy_(1, self.pos, nxt[:, None])
         self.running &= nxt != s.sep_id
+        ended = torch.where(self.running.any(), s.settings.max_length, self.pos + 1)
+        torch.minimum(self.stop, ended, out=self.stop)
 
     def step(self):
         s = self.s
@@ -443,9 +461,14 @@ class _StaticLoop:
         self.pos += 1
         self._sample(s._logits(x[:, -1]))
 
+    def _steps(self, n: int) -> None:
+        for _ in range(n):
+            self.step()
+
     def _capture(self):
-        """Record ``step`` as a CUDA graph, after two warm-up steps on a side stream (as CUDA graphs
-        need). The step draws no random numbers (they are in ``noise``), so the graph holds none."""
+        """Record ``replay_steps`` steps as a CUDA graph, after two warm-up steps on a side stream (as
+        CUDA graphs need). The step draws no random numbers (they are in ``noise``), so the graph
+        holds none."""
         import torch
 
         dev = self.pos.device
@@ -462,7 +485,7 @@ class _StaticLoop:
         try:
             # thread_local: the text half may use the GPU from another thread meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.step()
+                self._steps(self.replay_steps)
         finally:
             # a capture that fails ends in torch's ``capture_end`` raising, which leaves this thread
             # on the capture stream: the steps without a graph, and the batches after, must run on
@@ -490,6 +513,9 @@ class _StaticLoop:
                     log.warning("CUDA graph capture failed (%s); decoding steps run without a graph", first_line(cause))
                     self.use_graph, self.graph = False, None
         self.load(image_embeds)
+        if self.graph is not None and self.whole:  # every step, then one wait for the rows' length
+            self.graph.replay()
+            return self.seen[:, :int(self.stop)].clone()
         cur = self.first
         while cur + 1 < length and bool(self.running.any()):
             if self.graph is not None:

@@ -385,11 +385,18 @@ def _graphs_standing_in(pixels, monkeypatch, capture):
     return fast, want
 
 
-def test_capturing_changes_no_caption(pixels, monkeypatch):
+@pytest.mark.parametrize("whole", [True, False])
+def test_capturing_changes_no_caption(pixels, monkeypatch, whole):
     """The graph path's bookkeeping, on the CPU: capturing steps the loop on the first batch's
     numbers and draws random numbers; the batch is then loaded again with the RNG as it was, and
-    the replays (here: the step itself, standing in for the graph) give the eager loop's tokens."""
+    the replays (here: the steps themselves, standing in for the graph) give the eager loop's
+    tokens, cut where every row had ended: with a graph of every step (``whole``), which runs on
+    past that point, and with a graph of one step, after which the host checks."""
     from types import SimpleNamespace
+
+    from datacomp_sieve.decoding import _StaticLoop
+
+    monkeypatch.setattr(FastBlipSampler, "graph_whole_loop", whole)
 
     captured = []
 
@@ -397,13 +404,25 @@ def test_capturing_changes_no_caption(pixels, monkeypatch):
         for _ in range(3):
             self.pos.fill_(self.first)
             self.step()
-        self.graph = SimpleNamespace(replay=self.step)
+        self.pos.fill_(self.first)
+        self.graph = SimpleNamespace(replay=lambda: self._steps(self.replay_steps))
         captured.append(self)
 
     fast, want = _graphs_standing_in(pixels[:4], monkeypatch, capture)
     for _ in range(2):
         assert torch.equal(_samples(fast, pixels[:4], 30, seed=1), want)
     assert len(captured) == 1  # captured once for the shape, replayed for the second batch
+    assert captured[0].replay_steps == (15 if whole else 1)
+    with torch.no_grad():  # every row ends before the last step
+        fast.model.text_decoder.cls.predictions.bias[SEP] = 9.0
+    fast.sampler.settings = GenerationSettings(max_length=30)
+    fast.sampler._loops.clear()
+    monkeypatch.setattr(_StaticLoop, "use_graph", False)
+    want = _samples(fast, pixels[:4], 30, seed=1)
+    assert 5 < want.shape[1] < 30
+    monkeypatch.setattr(_StaticLoop, "use_graph", True)
+    assert torch.equal(_samples(fast, pixels[:4], 30, seed=1), want)
+    assert len(captured) == 2
 
 
 def test_a_failed_capture_falls_back_to_the_same_step(pixels, monkeypatch, caplog):
