@@ -177,7 +177,8 @@ def _time_loop(s, emb, r: int, dev, repeats: int):
     loop.load(emb)
     line = f"eager step {1000 * _step_seconds(loop, loop.step, dev, repeats):.2f} ms"
     if loop.graph is not None:  # a replay runs one step, or all of them
-        step = _step_seconds(loop, loop.graph.replay, dev, repeats) / loop.replay_steps
+        replays = max(2, repeats // loop.replay_steps)  # about ``repeats`` steps in all
+        step = _step_seconds(loop, loop.graph.replay, dev, replays) / loop.replay_steps
         line += f", CUDA graph step {1000 * step:.2f} ms"
     return loop, (f"{line}; whole loop {whole:.3f} s for {out.shape[1] - loop.first} new tokens: "
                   f"{b / whole:.0f} images/s of decoding alone")

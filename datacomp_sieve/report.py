@@ -492,7 +492,7 @@ def write_report(scores_dir: str, shards_dir: str | None, out, *, metadata_dir: 
                         kept_of.unique, scored, scores_dir)
         # each score alone keeps as many rows as the kept set: DataComp's n (n + 1 rows, plus ties)
         n_alone = int(scored * frac) if kept_of is None else kept_n - 1
-        if has_clip and 0 <= n_alone < scored:
+        if has_clip and 0 <= n_alone < scored - 1:  # each alone keeps some but not all
             for s in (scores["sieve"], scores["clip"]):
                 s.alone_bin = _top_bin(s.all, n_alone)
             sec["clip_not_sieve"] = _TopK(per_section)

@@ -732,6 +732,27 @@ def test_with_a_subset_each_score_alone_keeps_as_many_as_the_subset(synth, tmp_p
         assert s["sections"][k]["eligible"] == by_frac["sections"][k]["eligible"]
 
 
+def test_a_kept_set_of_every_sample_shows_no_empty_disagreement_galleries(tmp_path):
+    """A subset of every scored uid, or a fraction that keeps them all (n + 1 rows of n = int(N *
+    fraction)): each score alone would keep everything, so there is nothing to disagree on; the
+    page says so instead of two empty galleries, as it does for --fraction 1."""
+    from synth_store import write_folder
+
+    store = str(tmp_path / "store")
+    write_folder(store, rows=400, files=2, seed=5, columns=("sieve_score", "clip_score"), ties=False)
+    assert cli.main(["filter", "--name", "sieve_clip", "--clip_from", "store", "--fraction", "1.0",
+                     "--scores_dir", store, "--save_path", str(tmp_path / "all.npy"), "--quiet"]) == 0
+    for name, kw in (("subset", {"subset": str(tmp_path / "all.npy")}), ("one", {"fraction": 1.0}),
+                     ("nearly", {"fraction": 0.999})):
+        s = write_report(store, None, tmp_path / name, per_section=6, progress=False, **kw)
+        page = (tmp_path / name / "index.html").read_text()
+        assert s["counts"]["kept"] == 400 and "clip_not_sieve" not in s["sections"], name
+        assert "Not shown: the kept set holds every scored sample, or none." in page
+        assert "CLIPScore keeps, Sieve drops" not in page
+    s = write_report(store, None, tmp_path / "most", fraction=0.99, per_section=6, progress=False)
+    assert s["counts"]["kept"] < 400 and s["sections"]["clip_not_sieve"]["eligible"] >= 0
+
+
 def test_download_failures_are_counted_by_reason_from_the_shards_stats(synth, tmp_path):
     """The metadata rows with no sample were one line, 'not downloaded', though img2dataset's
     _stats.json beside each tar says how many failed to download and to resize, and why."""
