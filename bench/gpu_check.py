@@ -389,20 +389,26 @@ def _candidates_first(device) -> bool:
     from datacomp_sieve.decoding import FastBlipSampler
 
     g = torch.Generator().manual_seed(5)
-    logits = (torch.randn(2048, 30524, generator=g) + 10.0).to(device, torch.float16)
+    # close logits, so the penalty moves seen tokens below unseen ones; positive and negative rows
+    shift = torch.tensor([10.0, -10.0]).repeat(1024)[:, None]
+    logits = (torch.randn(2048, 30524, generator=g) + shift).to(device, torch.float16)
+    logits[::16, 102] = 40.0  # [SEP] the best token of some rows: banned below min_length
     seen = logits.float().topk(19).indices
     seen = torch.cat([seen, torch.full_like(seen[:, :1], 102)], 1)
-    got = []
-    for first in (True, False):
-        s = FastBlipSampler.__new__(FastBlipSampler)
-        s.settings, s.sep_id, s.candidates_first = GenerationSettings(), 102, first
-        got.append(s.candidates(logits.clone(), seen, torch.tensor([9], device=device)))
-    (pa, ia), (pb, ib) = got
-    low = torch.where(pb > 0, pb, math.inf).min(1, keepdim=True).values
-    da, db = (torch.zeros(logits.shape, device=device).scatter_(1, i, p) for p, i in got)
-    same = torch.equal(pa, pb) and torch.equal(da * (da > low), db * (db > low))
-    print(f"candidates first from fp16 logits (2048 rows): {'EQUAL' if same else 'DIFFERENT'} to the whole "
-          f"vocabulary's; same order {torch.equal(ia, ib)}")
+    same = order = True
+    for pos in (4, 9):  # below min_length and above
+        got = []
+        for first in (True, False):
+            s = FastBlipSampler.__new__(FastBlipSampler)
+            s.settings, s.sep_id, s.candidates_first = GenerationSettings(), 102, first
+            got.append(s.candidates(logits.clone(), seen, torch.tensor([pos], device=device)))
+        (pa, ia), (pb, ib) = got
+        low = torch.where(pb > 0, pb, math.inf).min(1, keepdim=True).values
+        da, db = (torch.zeros(logits.shape, device=device).scatter_(1, i, p) for p, i in got)
+        same &= torch.equal(pa, pb) and torch.equal(da * (da > low), db * (db > low))
+        order &= torch.equal(ia, ib)
+    print(f"candidates first from fp16 logits (2048 rows, positions 4 and 9): {'EQUAL' if same else 'DIFFERENT'} "
+          f"to the whole vocabulary's; same order {order}")
     return same
 
 

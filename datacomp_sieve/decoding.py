@@ -113,8 +113,9 @@ class FastBlipSampler:
     static_loops_kept = 2
     #: a CUDA graph holds every step of a batch, replayed once per batch, the host waiting only for
     #: the end (False: one step per replay, the host checking after each whether a row is still
-    #: running, and stopping when none is; on real captions one of a batch's thousands of rows
-    #: nearly always runs to max_length, so the steps after all have ended are rarely any)
+    #: running, and stopping when none is). The steps after every row has ended still run: with
+    #: thousands of rows per batch, one reaching max_length is enough to need them all (expected
+    #: of real captions, not measured)
     graph_whole_loop: bool = True
     #: the fixed-shape loop draws its random numbers for every step of a batch beforehand (so that
     #: no draw happens inside the graph); above this many candidates per row (top-k off or large)
@@ -123,7 +124,7 @@ class FastBlipSampler:
     #: top-k on the model's logits first, the penalties on those candidates only (module docstring);
     #: False: the whole vocabulary's logits made float32 and penalised, then top-k (the same
     #: numbers); None: first where the logits are half precision (on the CPU's float32 logits the
-    #: whole-vocabulary way is as fast, measured)
+    #: whole-vocabulary way is faster, measured)
     candidates_first: bool | None = None
     #: the LM head's output padded with never-chosen columns to a multiple of this many tokens
     #: (GPU matrix units want aligned shapes; BLIP's vocabulary is 30,524); 1: not padded; None:
@@ -212,9 +213,13 @@ class FastBlipSampler:
         pred = self.lm.cls.predictions
         dec = pred.decoder
         bias = dec.bias if dec.bias is not None else pred.bias
-        # the model's tensors, as they are now (weights changed in place make a new copy)
-        key = (dec.weight.data_ptr(), dec.weight._version, bias.data_ptr(), bias._version, dec.weight.dtype, m)
+        # the model's tensors, as they are now (weights changed in place make a new copy; tensors
+        # made under inference_mode keep no version)
+        key = (dec.weight.data_ptr(), bias.data_ptr(), dec.weight.dtype, m) + tuple(
+            None if torch.is_inference(t) else t._version for t in (dec.weight, bias))
         if self._head is None or self._head[0] != key:
+            if self._head is not None:
+                self._loops.clear()  # their graphs read the copy this one replaces
             width = -(-self.vocab // m) * m
             w = dec.weight.new_zeros(width, dec.weight.shape[1])
             w[:self.vocab] = dec.weight
@@ -356,9 +361,9 @@ class FastBlipSampler:
     def _generate_static(self, image_embeds, r: int, sample: bool):
         """``generate`` on a ``_StaticLoop``: rows are never compacted, every step has the same
         shapes; on CUDA the step is a CUDA graph (captured the first time a shape is seen)."""
-        # the attention kernel too: a graph replays the kernels it captured
+        # the attention kernel and the step's other choices too: a graph replays what it captured
         key = (tuple(image_embeds.shape), image_embeds.dtype, str(image_embeds.device), r, sample,
-               self.fused_attention)
+               self.fused_attention, self.candidates_first, self.vocab_multiple, self.graph_whole_loop)
         loop = self._loops.pop(key, None)
         if loop is None:
             while len(self._loops) >= self.static_loops_kept:

@@ -77,8 +77,10 @@ class ScoreConfig:
             raise UserError(f"--batch_size must be at least 1, got {batch_size}")
         if self.text_batch_size is not None and self.text_batch_size < 1:
             raise UserError(f"--text_batch_size must be at least 1, got {self.text_batch_size}")
+        # the default given explicitly is the default: a store made without the flag accepts it
+        text_batch = None if self.text_batch_size == TEXT_BATCH_SIZE else self.text_batch_size
         return ScoreConfig(**{**asdict(self), "device": device, "precision": precision, "decoding": decoding,
-                              "batch_size": batch_size})
+                              "batch_size": batch_size, "text_batch_size": text_batch})
 
     def identity(self) -> dict:
         """What the store checks before adding shards: every setting that changes the numbers.
@@ -88,7 +90,7 @@ class ScoreConfig:
         return asdict(self)
 
 
-#: sentences per text-encoder forward by default: the reference's (sentence-transformers' default)
+#: sentences per text-encoder forward by default: the reference's (its --per_device_batch_size)
 TEXT_BATCH_SIZE = 256
 
 

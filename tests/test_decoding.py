@@ -207,10 +207,12 @@ def test_the_padded_lm_head_samples_what_the_head_samples(pixels):
         cap.sampler.candidates_first = True  # on the padded logits
         assert torch.equal(_samples(cap, pixels[:4], 6, seed=2), plain)
         cap.sampler.candidates_first = None
-    with torch.no_grad():  # the model's weights changed in place: the padded copy follows
-        cap.model.text_decoder.cls.predictions.bias[7] = 1e4
+    assert cap.sampler._loops  # (the fixed-shape loop of the last call)
+    with torch.no_grad():  # the model's weights changed in place: the padded copy follows, and the
+        cap.model.text_decoder.cls.predictions.bias[7] = 1e4  # loops whose graphs read the old one go
     with torch.inference_mode():
         assert (cap.sampler._logits(h)[:, :30524].argmax(-1) == 7).all()
+    assert not cap.sampler._loops
 
 
 def _samples(cap, pixels, r, seed):

@@ -106,8 +106,11 @@ def test_the_text_batch_size_changes_scores_by_rounding_only(toy_pool, store, sc
     assert scorer.text.batch_size == 256
     out = tmp_path / "small"
     cfg = label_config(text_batch_size=5)
-    m = score_pool(str(toy_pool / "shards"), str(out), cfg, progress=False, scorer=ShardScorer(cfg))
+    small = ShardScorer(cfg)
+    assert small.text.batch_size == 5
+    m = score_pool(str(toy_pool / "shards"), str(out), cfg, progress=False, scorer=small)
     assert m["config"]["text_batch_size"] == 5
+    assert label_config(text_batch_size=256).resolved().text_batch_size is None  # the default, given
     a, b = read(store), read(out)
     assert [r["captions"] for r in a] == [r["captions"] for r in b] and len(a) > 20
     assert np.allclose([r["sieve_score"] for r in a], [r["sieve_score"] for r in b], atol=1e-5)
