@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", action="store_true",
                    help="per batch, also the step with each of the sampler's speed choices the other way: "
                         "candidates first or not (sampling on the whole vocabulary in float32), the LM head padded "
-                        "or not, a CUDA graph of every step of a batch or of one step")
+                        "or not, a CUDA graph of every step of a batch or of one step, the decoder's attention as "
+                        "torch's fused kernel or as matmul, softmax, matmul (the images' ViT keeps its own)")
     args = p.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -143,17 +144,20 @@ def main(argv=None) -> int:
             # the sampler's speed choices: its defaults here, then each the other way
             first = cap.dtype != torch.float32  # FastBlipSampler's defaults (None) on this device
             multiple = 1 if dev.type == "cpu" else 64
-            ways = [(first, multiple, True), (not first, multiple, True), (first, 65 - multiple, True),
-                    (first, multiple, False)]
+            fused = dev.type != "cpu"
+            ways = [(first, multiple, True, fused), (not first, multiple, True, fused),
+                    (first, 65 - multiple, True, fused), (first, multiple, False, fused),
+                    (first, multiple, True, not fused)]
             for i, way in enumerate(ways if args.variants else ways[:1]):
-                s.candidates_first, s.vocab_multiple, s.graph_whole_loop = way
+                s.candidates_first, s.vocab_multiple, s.graph_whole_loop, s.fused_attention = way
                 loop, line = _time_loop(s, emb, r, dev, args.repeats)
                 print(f"batch {b} ({b * r} sequences), {'defaults' if i == 0 else 'one other way'}: candidates "
                       f"first {way[0]}, LM head {'padded to a multiple of 64' if way[1] > 1 else 'not padded'}, "
-                      f"graph of {'every step' if way[2] else 'one step'}: {line}")
+                      f"graph of {'every step' if way[2] else 'one step'}, decoder attention "
+                      f"{'fused' if way[3] else 'matmul-softmax-matmul'}: {line}")
                 if b == batches[0] and i == 0:  # printed now: a later, larger batch may not finish in time
                     _profile(loop, emb, args.steps, args.top, dev)
-            s.candidates_first = s.vocab_multiple = None
+            s.candidates_first = s.vocab_multiple = s.fused_attention = None
             s.graph_whole_loop = True
     return 0
 

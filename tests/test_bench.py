@@ -95,11 +95,15 @@ def test_decode_profile_runs_on_the_cpu():
     out = _run("decode_profile.py", "--device", "cpu", "--model", "tiny", "--batches", "2,4", "--steps", "2",
                "--repeats", "2", "--top", "5", "--variants")
     steps = re.findall(r"^batch (\d+) \((\d+) sequences\), (defaults|one other way): candidates first (\w+), LM "
-                       r"head (not padded|padded to a multiple of 64), graph of (every step|one step): eager step "
-                       r"[\d.]+ ms; whole loop [\d.]+ s for 16 new tokens: \d+ images/s of decoding alone$", out, re.M)
-    ways = [("defaults", "False", "not padded", "every step"), ("one other way", "True", "not padded", "every step"),
-            ("one other way", "False", "padded to a multiple of 64", "every step"),
-            ("one other way", "False", "not padded", "one step")]
+                       r"head (not padded|padded to a multiple of 64), graph of (every step|one step), decoder "
+                       r"attention (fused|matmul-softmax-matmul): eager step [\d.]+ ms; whole loop [\d.]+ s for 16 "
+                       r"new tokens: \d+ images/s of decoding alone$", out, re.M)
+    plain = "matmul-softmax-matmul"
+    ways = [("defaults", "False", "not padded", "every step", plain),
+            ("one other way", "True", "not padded", "every step", plain),
+            ("one other way", "False", "padded to a multiple of 64", "every step", plain),
+            ("one other way", "False", "not padded", "one step", plain),
+            ("one other way", "False", "not padded", "every step", "fused")]
     assert steps == [(b, n) + w for b, n in (("2", "16"), ("4", "32")) for w in ways]  # no graph on the CPU
     ops = re.findall(r"^ +[\d.]+ ms +[\d.]+% +\d+ calls  \[(.+?)\] (\S+)", out, re.M)
     assert len(ops) == 5 and ("matrix products", "aten::addmm") in ops
