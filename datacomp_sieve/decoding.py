@@ -12,10 +12,10 @@ prompt, [SEP] ends a row, [PAD] after it) and differs only in how the numbers ar
 - top-p and the draw work on the 50 candidates top-k keeps (every other token has probability 0
   there), so sorting, softmax and sampling cost 50 entries per row instead of the vocabulary;
 - those candidates come from the model's own logits (half precision on GPUs): the repetition
-  penalty (1.1; any at least 1) and the min-length ban only lower logits, of at most L + 1 tokens (the row's L tokens
-  and [SEP]), so the top 50 after them are among the top 50 + L + 1 before; only those are made
-  float32 and penalised (the same float32 numbers as penalising the whole vocabulary), not the
-  (rows, vocabulary) logits (``candidates_first``);
+  penalty (1.1; any at least 1) and the min-length ban only lower logits, of at most L + 1
+  tokens (the row's L tokens and [SEP]), so the top 50 after them are among the top 50 + L + 1
+  before; only those are made float32 and penalised (the same float32 numbers as penalising the
+  whole vocabulary), not the (rows, vocabulary) logits (``candidates_first``);
 - images whose r rows have all ended leave the batch (when a quarter of it has), and the loop
   stops as soon as every row has ended.
 
