@@ -24,14 +24,14 @@ def test_score_speed_with_a_sweep(tmp_path):
     here = tmp_path / "cwd"
     here.mkdir()
     out = _run("score_speed.py", "--device", "cpu", "--model", "tiny", "--images", "8", "--samples_per_shard", "4",
-               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4cti,4x0x1T,4x0x1ms", "--sep_bias", "3",
+               "--batch_size", "4", "--warmup_images", "4", "--sweep", "4g,4cti,4x0x1Tb,4x0x1ms", "--sep_bias", "3",
                "--work_dir", str(tmp_path / "work"), cwd=here)
     lines = out.strip().splitlines()
     ends = re.search(r"new tokens per caption, \[SEP\] included: ([\d.]+) on average", out)
     assert ends and float(ends.group(1)) < 16  # --sep_bias: captions end before max_length
     assert re.fullmatch(r"fast [\d.]+ img/s, reference [\d.]+ img/s, ratio [\d.]+", lines[-1])
     sweep = [ln for ln in lines if ln.startswith("sweep: batch")]
-    fastest = re.search(r"^sweep: fastest (4g|4cti|4x0x1T|4x0x1ms) at [\d.]+ img/s, against [\d.]+ img/s at the defaults$",
+    fastest = re.search(r"^sweep: fastest (4g|4cti|4x0x1Tb|4x0x1ms) at [\d.]+ img/s, against [\d.]+ img/s at the defaults$",
                         out, re.M)
     assert fastest and float(re.search(r"at ([\d.]+) img/s", fastest.group(0)).group(1)) == max(
         float(re.search(r"fast ([\d.]+) img/s", ln).group(1)) for ln in sweep)
@@ -39,6 +39,8 @@ def test_score_speed_with_a_sweep(tmp_path):
     torch_threads = re.search(r"torch threads (\d+)\)", out).group(1)  # the device line
     assert f"torch threads {torch_threads}," in sweep[0] and "torch threads 1," in sweep[1]  # t: one
     assert f"torch threads {os.cpu_count()}," in sweep[2]  # T: one per core
+    # b: one text forward for a batch's texts (4 images x 9), the text process started again with it
+    assert [re.search(r"text batch (\d+),", ln).group(1) for ln in sweep] == ["256", "256", "36", "256"]
     assert all("input stream False" in ln for ln in sweep)  # i: a GPU's only
     # a text process that tokenises (the forward runs in this process, timed), one with the encoder
     assert "text workers 1, " in sweep[2] and "text: MiniLM forward" in sweep[2]
