@@ -32,10 +32,10 @@ step() {  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 df -h /dev/shm 2>&1 | tee -a "$out/gpu.txt"
-step gpu_check 80 "$py" bench/gpu_check.py
+step gpu_check 100 "$py" bench/gpu_check.py
 step decode_profile 120 "$py" bench/decode_profile.py --batches 256,512,1024 --variants
-step score_speed 260 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
+step score_speed 240 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
     --samples_per_shard "$images" --reference_images $((images < 64 ? images : 64)) \
     --sweep 256,256gi,256gb,384g,512g,512gb
-step sep_bias 80 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
+step sep_bias 90 "$py" bench/score_speed.py --device cuda --model base --images "$images" \
     --samples_per_shard "$images" --reference_images $((images < 64 ? images : 64)) --sep_bias 3 --sweep 256
