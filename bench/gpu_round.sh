@@ -9,6 +9,9 @@
 #
 #   bash bench/gpu_round.sh [OUT_DIR] [IMAGES]      (defaults: gpu_round_out, 8192; under 9 minutes)
 #
+# On the device machine of a GPU session: what it lacks is prepared here by bench/device_carry.sh,
+# whose header gives the one run call that installs it and runs this script.
+#
 # Each step's output goes to OUT_DIR/<step>.txt and to the terminal. Sweep items are
 # BATCH[xDECODING[xTEXT]] processes, then flags: g CUDA graphs (without it: the growing loop),
 # c resize in the decoding processes, i batches moved and prepared on a CUDA stream of their own,
