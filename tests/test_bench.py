@@ -107,6 +107,10 @@ def test_decode_profile_runs_on_the_cpu():
             ("one other way", "False", "not padded", "one step", plain),
             ("one other way", "False", "not padded", "every step", "fused")]
     assert steps == [(b, n) + w for b, n in (("2", "16"), ("4", "32")) for w in ways]  # no graph on the CPU
+    verdicts = re.findall(r"^batch (\d+): fastest whole loop: (.+), ([\d.]+) s against the defaults' ([\d.]+) s "
+                          r"\(([+-][\d.]+)%\)$", out, re.M)
+    assert [v[0] for v in verdicts] == ["2", "4"]
+    assert all(float(v[2]) <= float(v[3]) and float(v[4]) <= 0 for v in verdicts)
     ops = re.findall(r"^ +[\d.]+ ms +[\d.]+% +\d+ calls  \[(.+?)\] (\S+)", out, re.M)
     assert len(ops) == 5 and ("matrix products", "aten::addmm") in ops
     shares = re.search(r"^by kind: (.*)$", out, re.M).group(1)
