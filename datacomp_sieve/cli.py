@@ -335,9 +335,9 @@ def add_score_arguments(p: argparse.ArgumentParser, with_batch: bool = True, sto
     p.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="how BLIP samples: graph (default on GPUs) or fast (default on the CPU) sample from the "
                         "reference's distribution with its settings, sharing each image's work among its captions; "
-                        "graph runs a batch's steps on fixed shapes as one CUDA graph (with a graph per step, "
-                        "twice as fast as fast on an H200), fast drops finished images from the batch; reference calls transformers' generate "
-                        "as the reference code does, for auditing. Greedy tokens are identical; sampled captions "
+                        "graph runs a batch's steps on fixed shapes as one CUDA graph (with a graph per step it "
+                        "ran twice as fast as fast on an H200), fast drops finished images from the batch; "
+                        "reference calls transformers' generate as the reference code does, for auditing. Greedy tokens are identical; sampled captions "
                         "for a seed differ between the three, their distribution does not")
     if with_batch:
         p.add_argument("--batch_size", type=int, default=None,
