@@ -342,8 +342,8 @@ class BlipCaptioner(Captioner):
 
     ``decoding``: ``fast`` (default) samples with ``decoding.FastBlipSampler`` (same distribution,
     work shared per image); ``graph``, with the same sampler on fixed shapes (``cuda_graphs``: the
-    same distribution, other draws for a seed); ``reference`` calls transformers' ``generate`` as the reference code
-    does, for auditing. All of a batch goes through one call (``max_sequences_per_call`` splits it
+    same distribution, other draws for a seed); ``reference`` calls transformers' ``generate`` as
+    the reference code does, for auditing. All of a batch goes through one call (``max_sequences_per_call`` splits it
     when B*r would not fit in memory; with a seed, results stay deterministic but differ from the
     unsplit call).
     """

@@ -130,6 +130,8 @@ class FastBlipSampler:
     #: (GPU matrix units want aligned shapes; BLIP's vocabulary is 30,524); 1: not padded; None:
     #: 64 on GPUs, 1 on the CPU
     vocab_multiple: int | None = None
+    #: the model's vocabulary (the logits' columns beyond it are padding); None: all of them
+    vocab: int | None = None
 
     def __init__(self, text_decoder, settings, prompt_ids, sep_id: int, pad_id: int):
         self.lm = text_decoder
@@ -238,7 +240,7 @@ class FastBlipSampler:
         import torch
 
         s = self.settings
-        vocab = getattr(self, "vocab", None) or logits.shape[-1]
+        vocab = self.vocab or logits.shape[-1]
         width = self._width(vocab)
         more = width + seen.shape[1] + 1  # enough candidates: the penalties lower at most L + 1 tokens
         first = self.candidates_first if self.candidates_first is not None else logits.dtype != torch.float32
@@ -301,8 +303,7 @@ class FastBlipSampler:
         import torch
 
         if not sample:
-            vocab = getattr(self, "vocab", None) or logits.shape[-1]
-            return self._penalised(logits[:, :vocab].float(), seen, cur_len).argmax(-1)
+            return self._penalised(logits[:, :self.vocab].float(), seen, cur_len).argmax(-1)
         probs, idx = self.candidates(logits, seen, cur_len)
         q = torch.empty_like(probs).exponential_() if noise is None else noise
         return idx.gather(1, (probs / q).argmax(-1, keepdim=True)).squeeze(1)
@@ -320,7 +321,7 @@ class FastBlipSampler:
         p = prompt.shape[0]
         if s.max_length <= p:
             return prompt.repeat(n, 1)
-        if self.cuda_graphs and self._width(self.lm.config.vocab_size) <= self.static_max_candidates:
+        if self.cuda_graphs and self._width(self.vocab) <= self.static_max_candidates:
             return self._generate_static(image_embeds, r, sample)
         cross = self._cross(image_embeds)
         d = self.lm.config.hidden_size
@@ -423,7 +424,7 @@ class _StaticLoop:
         self.replay_steps = max(length - 1 - self.first, 1) if self.whole else 1
         # the random numbers of every step, drawn in ``load``: the same numbers, in the same order,
         # as the growing-shape loop draws step by step (on the CPU; tested)
-        width = sampler._width(sampler.lm.config.vocab_size)
+        width = sampler._width(sampler.vocab)
         self.noise = torch.empty(max(length - self.first, 1), n, width, device=dev) if sample else None
         self.graph = None
 
